@@ -1,0 +1,31 @@
+"""Shared pytest set-up: tests run offline, headless and on the CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Nothing may be downloaded while testing, and Qt renders offscreen.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+try:
+    from hypothesis import settings
+
+    settings.register_profile("mome", deadline=None, max_examples=25, derandomize=True)
+    settings.load_profile("mome")
+except ImportError:  # hypothesis is a test extra
+    pass
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
