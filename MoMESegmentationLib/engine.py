@@ -1,0 +1,655 @@
+"""Inference: from a volume and typed prompts to masks on exactly the input's grid.
+
+Data flow (one path for every run)::
+
+    Volume (LPS, any grid)
+      -> ROI crop (optional) -> canonicalize (axis permutation/flips only)
+      -> resample to the model spacing -> HU window to [0, 1] -> body crop      (Preprocessed)
+      -> MONAI sliding windows: model.encode(window)  (prompt-free, cached per window)
+                                model.decode(features, prompt embeddings [K, T])
+      -> Gaussian blending of logits -> back through body crop, spacing, orientation, ROI
+      -> per-prompt sigmoid, threshold, size/confidence check, optional largest component
+      -> SegmentationResult (masks, label map, per-structure summary)
+
+The image features of the last volume are cached per window, so a new prompt on the same volume
+reruns only the router and the heads. A full run takes exactly the same code path (the cache is
+simply empty), so both give the same masks.
+
+This module imports only numpy, torch and MONAI at load time, so the engine runs on a bare GPU
+machine; file formats are handled by :mod:`MoMESegmentationLib.io` at the edges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, CheckpointError, InputError, MoMEError, PromptError
+from .io.volume import Volume
+
+__all__ = [
+    "CancelToken",
+    "ProgressCallback",
+    "PromptPlan",
+    "StructureResult",
+    "SegmentationResult",
+    "Segmenter",
+    "resolve_device",
+    "check_ct_like",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(fraction in [0, 1], stage, message)``
+ProgressCallback = Callable[[float, str, str], None]
+
+#: Logit given to voxels outside the processed region (sigmoid ~ 2e-9).
+_OUTSIDE_LOGIT = -20.0
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it between sliding windows."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` picks the first CUDA GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MoMEError(f"device '{device}' not understood: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoMEError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise MoMEError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) found")
+    return resolved
+
+
+def check_ct_like(volume: Volume) -> str | None:
+    """Return a warning when the intensities do not look like CT in Hounsfield units (e.g. MR)."""
+    values = volume.array
+    if values.size > 2_000_000:  # a regular subsample is plenty for percentiles
+        step = int(math.ceil((values.size / 2_000_000) ** (1 / 3)))
+        values = values[::step, ::step, ::step]
+    values = np.asarray(values, dtype=np.float32)
+    p1, p50, p99 = np.percentile(values, [1, 50, 99])
+    name = volume.name or "input"
+    if p1 > -200:
+        return (f"{name}: intensities do not look like CT in Hounsfield units (1st percentile {p1:.0f}, "
+                "no air or fat); is this an MR or a rescaled image? Results will be unreliable.")
+    if p1 < -3000 or p99 > 10000:
+        return f"{name}: intensity range {p1:.0f}..{p99:.0f} is unusual for CT in Hounsfield units."
+    return None
+
+
+@dataclass
+class PromptPlan:
+    """What one typed prompt became: the structure it names and the embedding the heads get."""
+
+    prompt: str  # as typed (after parsing)
+    structure_id: str | None  # vocabulary id of the matched (or nearest) structure
+    name: str  # segment name shown to the user
+    similarity: float  # 1.0 for a vocabulary match; cosine similarity for free text
+    exact: bool  # True when the prompt names a known structure
+    embedding: torch.Tensor  # [T]
+    color: tuple[int, int, int] = (128, 174, 128)
+    terminology: dict | None = None
+
+
+@dataclass
+class StructureResult:
+    """Per-structure outcome of a run (one per prompt, in prompt order)."""
+
+    label: int  # value in the label map (1-based, prompt order)
+    prompt: str
+    id: str | None
+    name: str
+    match: str | None
+    similarity: float
+    found: bool
+    color: tuple[int, int, int]
+    terminology: dict | None
+    volume_ml: float
+    mean_probability: float
+    voxels: int
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "label": self.label, "name": self.name, "id": self.id, "prompt": self.prompt, "match": self.match,
+            "similarity": round(float(self.similarity), 4), "found": self.found,
+            "terminology": self.terminology, "color": list(self.color),
+            "volume_ml": round(float(self.volume_ml), 3), "mean_probability": round(float(self.mean_probability), 4),
+            "voxels": int(self.voxels), "note": self.note,
+        }
+
+
+@dataclass
+class SegmentationResult:
+    """Masks and summary on exactly the input's grid.
+
+    ``masks[k]`` is a boolean ``(I, J, K)`` array for ``structures[k]``; structures keep their own
+    masks, so nested structures survive. ``labelmap`` puts every found structure into one array
+    (value ``structures[k].label``), overlaps going to the higher probability.
+    """
+
+    reference: Volume  # the input volume's grid (its array is the input itself)
+    structures: list[StructureResult]
+    masks: list[np.ndarray]
+    probabilities: list[np.ndarray] | None = None  # float32 per structure, when requested
+    labelmap: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def labelmap_volume(self) -> Volume:
+        return self.reference.with_array(self.labelmap, name="labels")
+
+    def summary(self, input_path: str | None = None) -> dict:
+        return {
+            "model": self.model,
+            "input": input_path or self.reference.name,
+            "prompts": [s.prompt for s in self.structures],
+            "structures": [s.to_json() for s in self.structures],
+            "warnings": list(self.warnings),
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+    def to_segmentation(self):
+        """The result as a :class:`~MoMESegmentationLib.io.segmentation.Segmentation` (found structures)."""
+        from .io.segmentation import Segment, Segmentation
+
+        segments = [
+            Segment(name=s.name, mask=m, color=tuple(c / 255.0 for c in s.color), label_value=s.label,
+                    terminology=s.terminology, id=s.id or f"prompt_{s.label}")
+            for s, m in zip(self.structures, self.masks) if s.found
+        ]
+        return Segmentation(reference=self.reference, segments=segments)
+
+
+@dataclass
+class Preprocessed:
+    """The network input and everything needed to undo preprocessing exactly."""
+
+    image: torch.Tensor  # [1, 1, D, H, W] windowed to [0, 1], cropped to the body box
+    canonical_record: object
+    resample_record: object
+    resampled_shape: tuple[int, int, int]
+    body_box: tuple[slice, slice, slice]  # in the resampled grid
+    fingerprint: str
+
+
+class _FeatureCache:
+    """Prompt-free image features of the last volume, per sliding window."""
+
+    def __init__(self) -> None:
+        self.fingerprint: str | None = None
+        self.windows: dict[tuple[int, ...], object] = {}
+
+    def reset(self, fingerprint: str) -> None:
+        if fingerprint != self.fingerprint:
+            self.windows.clear()
+            self.fingerprint = fingerprint
+
+    def clear(self) -> None:
+        self.windows.clear()
+        self.fingerprint = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(f, "nbytes", 0) for f in self.windows.values())
+
+
+class Segmenter:
+    """Load a MoME checkpoint once, then segment many volumes and prompts.
+
+    Args:
+        model: registry name (``"demo"``) or path of a ``.safetensors`` checkpoint.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        threads: CPU threads for torch (``None`` leaves torch's default).
+        sw_batch_size: windows per forward pass; ``None`` chooses from free GPU memory (1 on CPU).
+        overlap: sliding-window overlap; ``None`` uses the checkpoint's setting.
+        cache_features: keep the last volume's image features for fast new prompts.
+        store: folder of downloaded/imported models (default ``~/.mome/models``).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        device: str | torch.device | None = "auto",
+        *,
+        threads: int | None = None,
+        sw_batch_size: int | None = None,
+        overlap: float | None = None,
+        cache_features: bool = True,
+        store: Path | None = None,
+        vocabulary=None,
+    ) -> None:
+        from .checkpoint import load_checkpoint
+        from .registry import resolve_model
+
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = resolve_device(device)
+        self.model_name = str(model or "demo")
+        self.checkpoint_path = resolve_model(model, store)
+        loaded = load_checkpoint(self.checkpoint_path, device=self.device)
+        self.model = loaded.model.eval()
+        self.meta: dict = loaded.meta
+        self.structures: list[str] = list(self.meta.get("structures", []))
+        table = loaded.structure_embeddings
+        self.structure_embeddings = None if table is None else table.float().cpu()
+        self.free_text = bool(self.meta.get("accepts_free_text", False))
+        prep = self.meta.get("preprocessing", {})
+        self.spacing = tuple(float(s) for s in prep.get("spacing", (1.5, 1.5, 1.5)))
+        self.window = tuple(float(v) for v in prep.get("intensity_window", (-175.0, 250.0)))
+        self.patch_size = tuple(int(p) for p in prep.get("patch_size", self.meta.get("architecture", {}).get(
+            "patch_size", (96, 96, 96))))
+        self.overlap = float(overlap if overlap is not None else prep.get("overlap", 0.5))
+        self.threshold = float(prep.get("threshold", 0.5))
+        self.sw_batch_size = sw_batch_size
+        self.cache_features = cache_features
+        self._cache = _FeatureCache()
+        self._vocabulary = vocabulary
+        self._text_encoder = None
+        if self.structure_embeddings is None and not self.free_text:
+            raise CheckpointError(f"{self.checkpoint_path}: checkpoint has neither structure embeddings "
+                                  "nor a text encoder")
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def vocabulary(self):
+        if self._vocabulary is None:
+            from .vocabulary import Vocabulary
+
+            self._vocabulary = Vocabulary.load()
+        return self._vocabulary
+
+    @property
+    def text_encoder(self):
+        """The checkpoint's text encoder, loaded on first use (only free-text prompts need it)."""
+        if self._text_encoder is None:
+            from .text import TextEncoder
+
+            info = dict(self.meta.get("text_encoder") or {})
+            if not info:
+                raise PromptError("this model only knows its own structures and has no text encoder")
+            kwargs = {k: info[k] for k in ("pooling", "normalize", "template") if k in info}
+            self._text_encoder = TextEncoder(info.get("name", info.get("model")), **kwargs)
+        return self._text_encoder
+
+    def model_info(self) -> dict:
+        return {
+            "name": self.model_name,
+            "checkpoint": str(self.checkpoint_path),
+            "sha256": self.meta.get("sha256"),
+            "variant": self.meta.get("variant"),
+            "structures": len(self.structures),
+            "free_text": self.free_text,
+            "device": str(self.device),
+        }
+
+    def _nearest_known(self, text: str) -> tuple[str, float]:
+        """Nearest structure of the model to a free-text prompt, by cosine similarity of embeddings."""
+        embedding = self.text_encoder.encode([text]).float().cpu()
+        similarity = torch.nn.functional.cosine_similarity(embedding, self.structure_embeddings, dim=-1)
+        index = int(similarity.argmax())
+        return self.structures[index], float(similarity[index])
+
+    def plan_prompts(self, prompts: str | Sequence[str]) -> list[PromptPlan]:
+        """Parse and resolve prompts into embeddings; raises :class:`PromptError` with a clear message."""
+        from .vocabulary import parse_prompts
+
+        texts = parse_prompts(prompts) if isinstance(prompts, str) else [p for p in (
+            t.strip() for t in prompts) if p]
+        if not texts:
+            raise PromptError("empty prompt: type one or more structures, e.g. 'liver, spleen, left kidney'")
+        allowed = None if self.free_text else set(self.structures)
+        similarity = self._nearest_known if (self.free_text and self.structure_embeddings is not None) else None
+        matches = self.vocabulary.resolve(texts, allowed=allowed, similarity=similarity)
+        plans: list[PromptPlan] = []
+        seen: set[str] = set()
+        for match in matches:
+            key = match.structure_id if match.exact else f"text:{match.prompt.lower()}"
+            if key in seen:
+                continue
+            seen.add(key)
+            plans.append(self._plan_one(match))
+        return plans
+
+    def _plan_one(self, match) -> PromptPlan:
+        structure = match.structure
+        if match.exact and structure is not None:
+            if structure.id in self.structures and self.structure_embeddings is not None:
+                embedding = self.structure_embeddings[self.structures.index(structure.id)]
+            elif self.free_text:
+                embedding = self.text_encoder.encode([structure.name]).float().cpu()[0]
+            else:
+                raise PromptError(f"prompt '{match.prompt}': model '{self.model_name}' does not know "
+                                  f"{structure.name}")
+            return PromptPlan(match.prompt, structure.id, structure.name, 1.0, True, embedding,
+                              tuple(structure.color), structure.terminology)
+        if not self.free_text:
+            nearest = structure.name if structure is not None else match.structure_id
+            raise PromptError(f"prompt '{match.prompt}' is not a structure of model '{self.model_name}'; "
+                              f"nearest: {nearest}")
+        embedding = self.text_encoder.encode([match.prompt]).float().cpu()[0]
+        color = tuple(structure.color) if structure is not None else (128, 174, 128)
+        return PromptPlan(match.prompt, match.structure_id, match.prompt, float(match.similarity), False,
+                          embedding, color, None)
+
+    # ------------------------------------------------------------- preprocessing
+    def preprocess(self, volume: Volume, fast: bool = False) -> Preprocessed:
+        """Canonical orientation, model spacing, HU window and body crop; exactly invertible."""
+        from .io.geometry import canonicalize, resample_to_spacing
+
+        canonical, canonical_record = canonicalize(volume, "RAS")
+        spacing = tuple(s * 1.5 for s in self.spacing) if fast else self.spacing
+        resampled, resample_record = resample_to_spacing(
+            canonical.with_array(canonical.array.astype(np.float32, copy=False)), spacing, mode="linear")
+        hu = np.asarray(resampled.array, dtype=np.float32)
+        body_box = _body_box(hu, margin=4)
+        low, high = self.window
+        image = np.clip((hu[body_box] - low) / (high - low), 0.0, 1.0)
+        tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
+        digest = hashlib.blake2b(tensor.numpy().tobytes(), digest_size=16)
+        digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path))).encode())
+        return Preprocessed(tensor, canonical_record, resample_record, tuple(hu.shape), body_box,
+                            digest.hexdigest())
+
+    # --------------------------------------------------------------- inference
+    def _choose_batch(self) -> int:
+        if self.sw_batch_size:
+            return int(self.sw_batch_size)
+        if self.device.type != "cuda":
+            return 1
+        free, _total = torch.cuda.mem_get_info(self.device)
+        feature_size = int(self.meta.get("architecture", {}).get("feature_size", 48))
+        # About 1.6 GB of activations per 96^3 window at feature size 48 in half precision.
+        per_window = 1.6e9 * (feature_size / 48) * (math.prod(self.patch_size) / 96 ** 3)
+        return int(max(1, min(8, (0.5 * free) // per_window)))
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def predict_logits(
+        self,
+        prep: Preprocessed,
+        embeddings: torch.Tensor,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> torch.Tensor:
+        """Blended logits ``[K, D, H, W]`` (float32, CPU) on the body-cropped model grid.
+
+        Windows whose features are cached skip the backbone; the rest run ``encode`` and are cached.
+        On CUDA out-of-memory the batch is halved and stitching moves to the CPU.
+        """
+        from monai.inferers import sliding_window_inference
+
+        if self.cache_features:
+            self._cache.reset(prep.fingerprint)
+        else:
+            self._cache.clear()
+        embeddings = embeddings.to(self.device, torch.float32)
+        batch = self._choose_batch()
+        stitch_device = self.device
+        while True:
+            try:
+                return self._sliding_window(sliding_window_inference, prep, embeddings, batch, stitch_device,
+                                            progress, cancel)
+            except torch.cuda.OutOfMemoryError:
+                self._cache.clear()
+                torch.cuda.empty_cache()
+                if batch == 1 and stitch_device.type == "cpu":
+                    raise MoMEError("out of GPU memory even with one window at a time; use --device cpu") from None
+                batch = max(1, batch // 2)
+                stitch_device = torch.device("cpu")
+                logger.warning("CUDA out of memory; retrying with %d window(s) per batch and CPU stitching", batch)
+
+    def _sliding_window(self, sliding_window_inference, prep, embeddings, batch, stitch_device, progress, cancel):
+        total = _count_windows(prep.image.shape[2:], self.patch_size, self.overlap)
+        done = [0]
+        model = self.model
+
+        def predictor(window: torch.Tensor, coords) -> torch.Tensor:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            keys = [tuple(int(s.start) for s in c[2:]) for c in coords]
+            with self._autocast():
+                missing = [i for i, k in enumerate(keys) if k not in self._cache.windows]
+                if missing:
+                    fresh = model.encode(window[missing])
+                    for j, i in enumerate(missing):
+                        item = fresh[j:j + 1] if hasattr(fresh, "__getitem__") else fresh
+                        self._cache.windows[keys[i]] = item
+                features = _cat_features([self._cache.windows[k] for k in keys])
+                logits = model.decode(features, embeddings)
+            if not self.cache_features:
+                for k in keys:
+                    self._cache.windows.pop(k, None)
+            done[0] += len(keys)
+            if progress is not None:
+                progress(min(1.0, done[0] / max(total, 1)), "inference", f"window {done[0]}/{total}")
+            return logits.float()
+
+        image = prep.image.to(self.device)
+        logits = sliding_window_inference(
+            image, self.patch_size, batch, predictor, overlap=self.overlap, mode="gaussian",
+            sw_device=self.device, device=stitch_device, with_coord=True,
+        )
+        return logits[0].float().cpu()
+
+    # ----------------------------------------------------------------- public
+    def segment(
+        self,
+        volume: Volume,
+        prompts: str | Sequence[str],
+        roi: np.ndarray | Sequence | None = None,
+        *,
+        probabilities: bool = False,
+        largest_component: bool = False,
+        fast: bool = False,
+        min_volume_ml: float = 0.1,
+        min_confidence: float = 0.6,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> SegmentationResult:
+        """Segment ``volume`` for ``prompts``; the result lies on exactly the input's grid.
+
+        Args:
+            volume: CT in Hounsfield units (any orientation, spacing and direction).
+            prompts: ``"liver, spleen, left kidney"`` or a list of prompts.
+            roi: optional box ``[[x0, y0, z0], [x1, y1, z1]]`` in LPS millimetres; only voxels
+                inside are segmented (the rest of the output is empty).
+            probabilities: also return per-structure probability maps (float32).
+            largest_component: keep only the largest connected component of each structure.
+            fast: coarser spacing (1.5x the model's) for quicker CPU runs.
+            min_volume_ml, min_confidence: a mask smaller than this, or whose mean probability is
+                below this, is reported as not found.
+            progress: ``progress(fraction, stage, message)`` callback.
+            cancel: a :class:`CancelToken` checked between windows.
+        """
+        report = progress or (lambda fraction, stage, message: None)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        _validate_volume(volume)
+        plans = self.plan_prompts(prompts)
+        warnings = []
+        warning = check_ct_like(volume)
+        if warning:
+            logger.warning(warning)
+            warnings.append(warning)
+        report(0.0, "preprocessing", "preparing the volume")
+        box = _roi_box(volume, roi) if roi is not None else tuple(slice(0, n) for n in volume.shape)
+        sub = _crop(volume, box)
+        prep = self.preprocess(sub, fast=fast)
+        timings["preprocess"] = time.perf_counter() - start
+
+        t0 = time.perf_counter()
+        embeddings = torch.stack([p.embedding for p in plans])
+        logits = self.predict_logits(
+            prep, embeddings, lambda f, s, m: report(0.05 + 0.85 * f, s, m), cancel)
+        timings["inference"] = time.perf_counter() - t0
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+
+        t0 = time.perf_counter()
+        report(0.9, "postprocessing", "resampling to the input grid")
+        structures, masks, probs = [], [], []
+        best = np.zeros(volume.shape, dtype=np.float32)
+        labelmap = np.zeros(volume.shape, dtype=np.uint8 if len(plans) < 256 else np.uint16)
+        for index, plan in enumerate(plans):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            prob = self._to_input_grid(logits[index], prep, sub.shape)
+            full = np.zeros(volume.shape, dtype=np.float32)
+            full[box] = prob
+            mask = full >= self.threshold
+            if largest_component and mask.any():
+                mask = _largest_component(mask)
+            voxels = int(mask.sum())
+            volume_ml = voxels * volume.voxel_volume_ml
+            mean_prob = float(full[mask].mean()) if voxels else 0.0
+            found = voxels > 0 and volume_ml >= min_volume_ml and mean_prob >= min_confidence
+            note = "" if found else ("no voxels above threshold" if voxels == 0 else
+                                     f"below minimum size/confidence ({volume_ml:.2f} mL, p={mean_prob:.2f})")
+            if not found:
+                mask = np.zeros_like(mask)
+            label = index + 1
+            take = mask & (full > best)
+            labelmap[take] = label
+            best[take] = full[take]
+            structures.append(StructureResult(
+                label=label, prompt=plan.prompt, id=plan.structure_id, name=plan.name,
+                match=plan.structure_id, similarity=plan.similarity, found=found, color=plan.color,
+                terminology=plan.terminology, volume_ml=volume_ml if found else 0.0,
+                mean_probability=mean_prob, voxels=voxels if found else 0, note=note))
+            masks.append(mask)
+            if probabilities:
+                probs.append(full)
+        timings["postprocess"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
+        report(1.0, "done", f"{sum(s.found for s in structures)} of {len(structures)} structures found")
+        return SegmentationResult(reference=volume, structures=structures, masks=masks,
+                                  probabilities=probs if probabilities else None, labelmap=labelmap,
+                                  warnings=warnings, model=self.model_info(), timings=timings)
+
+    def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> np.ndarray:
+        """One structure's logits on the model grid -> probabilities on the (ROI-cropped) input grid."""
+        from .io.geometry import resample_back, restore_from_canonical
+
+        full = torch.full(prep.resampled_shape, _OUTSIDE_LOGIT, dtype=torch.float32)
+        full[prep.body_box] = logits
+        canonical = resample_back(full[None], prep.resample_record, mode="linear")[0]
+        restored = restore_from_canonical(canonical, prep.canonical_record)
+        prob = torch.sigmoid(torch.as_tensor(restored)).numpy()
+        if tuple(prob.shape) != tuple(shape):
+            raise RuntimeError(f"internal error: restored shape {prob.shape} != input shape {shape}")
+        return prob
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+# ---------------------------------------------------------------------- helpers
+def _validate_volume(volume: Volume) -> None:
+    name = volume.name or "input volume"
+    if volume.array.ndim != 3:
+        raise InputError(f"{name}: expected a 3D volume, got shape {volume.array.shape}")
+    if min(volume.shape) < 2:
+        raise InputError(f"{name}: volume of shape {volume.shape} is too small to segment")
+    if not np.issubdtype(volume.array.dtype, np.number):
+        raise InputError(f"{name}: voxel type {volume.array.dtype} is not numeric")
+    if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
+        raise InputError(f"{name}: volume contains NaN or infinite voxels")
+
+
+def _body_box(hu: np.ndarray, margin: int = 4, threshold: float = -500.0) -> tuple[slice, slice, slice]:
+    """Bounding box of the body (voxels above ``threshold`` HU) plus a margin; the whole grid if empty."""
+    inside = hu > threshold
+    if not inside.any():
+        return tuple(slice(0, n) for n in hu.shape)  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(inside.any(axis=other))
+        box.append(slice(max(0, int(present[0]) - margin), min(hu.shape[axis], int(present[-1]) + 1 + margin)))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _roi_box(volume: Volume, roi) -> tuple[slice, slice, slice]:
+    """Index box of the voxels inside an LPS box ``[[x0, y0, z0], [x1, y1, z1]]``."""
+    corners = np.asarray(roi, dtype=np.float64)
+    if corners.shape != (2, 3) or not np.isfinite(corners).all():
+        raise InputError(f"ROI must be two LPS corners [[x0, y0, z0], [x1, y1, z1]] in mm, got {roi!r}")
+    low, high = np.minimum(corners[0], corners[1]), np.maximum(corners[0], corners[1])
+    box_corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    index = volume.physical_to_index(box_corners)
+    start = np.maximum(np.floor(index.min(axis=0) + 0.5), 0).astype(int)
+    stop = np.minimum(np.ceil(index.max(axis=0) + 0.5), volume.shape).astype(int)
+    if np.any(stop - start < 2):
+        raise InputError(f"ROI {corners.tolist()} does not overlap {volume.name or 'the volume'}")
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+
+
+def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+    if all(s.start == 0 and s.stop == n for s, n in zip(box, volume.shape)):
+        return volume
+    start = np.array([s.start for s in box], dtype=np.float64)
+    origin = volume.index_to_physical(start)
+    return Volume(volume.array[box], volume.spacing.copy(), origin, volume.direction.copy(), volume.name)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def _count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    count = 1
+    for size, window in zip(shape, patch):
+        size = max(size, window)
+        interval = max(int(window * (1 - overlap)), 1)
+        count *= int(math.ceil((size - window) / interval)) + 1 if size > window else 1
+    return count
+
+
+def _cat_features(items: list):
+    if len(items) == 1:
+        return items[0]
+    return type(items[0]).cat(items)

@@ -1,0 +1,108 @@
+"""`mome worker`: the JSON-lines protocol the Slicer module speaks, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_fixtures import make_ct, make_tiny_checkpoint
+from MoMESegmentationLib.io.readers import write_volume
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "MoMESegmentationLib.cli", "worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+
+    def send(self, **request) -> None:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+
+    def wait(self, *kinds: str, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event["event"] in kinds:
+                return event
+        raise AssertionError(f"no {kinds} event within {timeout} s")
+
+    def close(self) -> None:
+        try:
+            self.send(cmd="shutdown")
+            self.process.wait(timeout=10)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker")
+    checkpoint = make_tiny_checkpoint(folder)
+    process = Worker()
+    process.wait("ready")
+    process.send(cmd="load", model=str(checkpoint), device="cpu", threads=1)
+    loaded = process.wait("loaded", "error")
+    assert loaded["event"] == "loaded", loaded
+    yield process
+    process.close()
+
+
+def test_segment_progress_and_done(worker, tmp_path):
+    source = tmp_path / "ct.nrrd"
+    write_volume(make_ct(), source)
+    output = tmp_path / "out.seg.nrrd"
+    worker.send(cmd="segment", id="job1", input=str(source), prompts="liver, spleen", output=str(output))
+    progress = worker.wait("progress")
+    assert progress["id"] == "job1" and 0 <= progress["fraction"] <= 1
+    done = worker.wait("done", "error")
+    assert done["event"] == "done", done
+    assert output.is_file() and (tmp_path / "out.json").is_file()
+    assert [s["id"] for s in done["summary"]["structures"]] == ["liver", "spleen"]
+
+
+def test_cancel_reports_cancelled_and_writes_nothing(worker, tmp_path):
+    source = tmp_path / "big.nrrd"
+    write_volume(make_ct(shape=(90, 90, 90), spacing=(2.5, 2.5, 2.5)), source)
+    output = tmp_path / "cancelled.seg.nrrd"
+    worker.send(cmd="segment", id="job2", input=str(source), prompts="liver", output=str(output))
+    worker.wait("progress")
+    started = time.monotonic()
+    worker.send(cmd="cancel", id="job2")
+    event = worker.wait("cancelled", "done", "error")
+    assert event["event"] == "cancelled", event
+    assert time.monotonic() - started < 5
+    assert not output.exists()
+
+
+def test_errors_are_one_line_and_worker_survives(worker, tmp_path):
+    worker.send(cmd="segment", id="bad", input=str(tmp_path / "missing.nrrd"), prompts="liver",
+                output=str(tmp_path / "x.seg.nrrd"))
+    error = worker.wait("error")
+    assert error["id"] == "bad" and error["kind"] == "input" and "\n" not in error["message"]
+    worker.send(cmd="segment", id="bad2", input=str(tmp_path / "missing.nrrd"), prompts=" ",
+                output=str(tmp_path / "x.seg.nrrd"))
+    assert worker.wait("error")["kind"] in {"prompt", "input"}
+    worker.send(cmd="frobnicate")
+    assert "unknown command" in worker.wait("error")["message"]
