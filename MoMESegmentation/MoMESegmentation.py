@@ -1,0 +1,793 @@
+import enum
+import logging
+import os
+import shutil
+import sys
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import *
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+
+#
+# Where the module's files are
+#
+
+
+def findModuleLayout(moduleDir):
+    """Locate ``Resources/`` and the folder that holds ``MoMESegmentationLib`` for this module.
+
+    Two layouts are supported and looked for in this order:
+
+    - built extension: ``Resources/`` and ``MoMESegmentationLib/`` beside ``MoMESegmentation.py``
+      (CMake copies them there);
+    - source tree (Application Settings > Modules > Additional module paths pointing at the
+      ``MoMESegmentation/`` folder of a checkout): both one folder up.
+
+    Returns a dict with ``resources`` and ``libraryParent`` (absolute paths, ``None`` when absent).
+    """
+    import os
+
+    moduleDir = os.path.abspath(moduleDir)
+    candidates = [moduleDir, os.path.dirname(moduleDir)]
+    resources = next((os.path.join(c, "Resources") for c in candidates
+                      if os.path.isfile(os.path.join(c, "Resources", "UI", "MoMESegmentation.ui"))), None)
+    libraryParent = next((c for c in candidates
+                          if os.path.isfile(os.path.join(c, "MoMESegmentationLib", "__init__.py"))), None)
+    return {"resources": resources, "libraryParent": libraryParent}
+
+
+MODULE_LAYOUT = findModuleLayout(os.path.dirname(os.path.abspath(__file__)))
+if MODULE_LAYOUT["libraryParent"] and MODULE_LAYOUT["libraryParent"] not in sys.path:
+    sys.path.insert(0, MODULE_LAYOUT["libraryParent"])
+
+from MoMESegmentationLib.errors import MoMEError  # noqa: E402
+from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
+    MODULE_REQUIREMENTS,
+    JobState,
+    SegmentationOptions,
+    SegmentationWorkflow,
+    completion_terms,
+    last_prompt_fragment,
+    load_model_cards,
+    missing_requirements,
+    plan_segment_names,
+    replace_last_prompt,
+    result_rows,
+    roi_box_lps,
+    update_recent_prompts,
+)
+from MoMESegmentationLib.worker_client import WorkerClient  # noqa: E402
+
+
+def moduleResourcePath(*parts):
+    """Path of a file in the module's ``Resources/`` folder (see :func:`findModuleLayout`)."""
+    if not MODULE_LAYOUT["resources"]:
+        raise RuntimeError(_("MoMESegmentation resources were not found beside {path} or one folder up.").format(
+            path=os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(MODULE_LAYOUT["resources"], *parts)
+
+
+#
+# MoMESegmentation
+#
+
+
+class MoMESegmentation(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MoME Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MoMESegmentation contributors"]
+        self.parent.helpText = _("""
+Text-prompted CT segmentation with a Mixture of Visual-Language Medical Experts (MoME).
+Type the structures to segment (for example <i>liver, spleen, left kidney</i>), choose a model and press Segment.
+Inference runs in a separate process; the scene changes only when a result is complete.
+See the <a href="https://github.com/MoMESegmentation/MoMESegmentation/blob/main/docs/SLICER.md">module documentation</a>.
+Research use, not for diagnosis.
+""")
+        self.parent.acknowledgementText = _("""
+MoME was described by Rezvani et al. (arXiv 2510.26996). The module builds on MONAI, PyTorch and 3D Slicer.
+The bundled example CT comes from TotalSegmentator's reference files (Apache-2.0).
+""")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Register sample data sets in Sample Data module
+#
+
+
+def registerSampleData():
+    """Add the bundled example CT to the Sample Data module."""
+    import pathlib
+
+    import SampleData
+
+    ctPath = moduleResourcePath("SampleData", "example_ct.nii.gz")
+    if not os.path.isfile(ctPath):
+        logging.warning(f"MoMESegmentation sample CT not found: {ctPath}")
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataCategory("MoMESegmentation", title=_("MoME Segmentation"))
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MoMESegmentation",
+        sampleName="MoMEExampleCT",
+        thumbnailFileName=moduleResourcePath("Icons", "MoMESegmentation.png"),
+        uris=pathlib.Path(ctPath).as_uri(),
+        fileNames="MoMEExampleCT.nii.gz",
+        nodeNames="MoMEExampleCT",
+        loadFileTypes="VolumeFile",
+    )
+
+
+#
+# MoMESegmentationParameterNode
+#
+
+
+class Device(enum.Enum):
+    """Where inference runs; the value is what the worker receives."""
+
+    AUTO = "auto"
+    GPU = "cuda"
+    CPU = "cpu"
+
+    def label(self):
+        return {Device.AUTO: _("Auto (GPU if available)"), Device.GPU: _("GPU (CUDA)"), Device.CPU: _("CPU")}[self]
+
+
+class SegmentMode(enum.Enum):
+    """What happens to existing segments that have the name of a result segment."""
+
+    ADD = "add"
+    REPLACE = "replace"
+
+    def label(self):
+        return {SegmentMode.ADD: _("Add new segments (keep existing)"),
+                SegmentMode.REPLACE: _("Replace segments with the same name")}[self]
+
+
+@parameterNodeWrapper
+class MoMESegmentationParameterNode:
+    """
+    The parameters needed by module.
+
+    inputVolume - The CT volume to segment.
+    prompts - Structures to segment, separated by commas.
+    model - Registry name of the model (Resources/models.json).
+    device - Where inference runs.
+    roi - Optional region of interest; only voxels inside are segmented.
+    outputSegmentation - Segmentation that receives the segments (None: create a new one).
+    segmentMode - Add to or replace existing segments with the same name.
+    probabilities - Also compute per-structure probability maps.
+    largestComponent - Keep only the largest connected component of each structure.
+    fastMode - Coarser sliding window: quicker, less accurate.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    prompts: str = "liver, spleen, left kidney"
+    model: str = "demo"
+    device: Device = Device.AUTO
+    roi: vtkMRMLMarkupsROINode
+    outputSegmentation: vtkMRMLSegmentationNode
+    segmentMode: SegmentMode = SegmentMode.ADD
+    probabilities: bool = False
+    largestComponent: bool = False
+    fastMode: bool = False
+
+
+#
+# MoMESegmentationWidget
+#
+
+
+class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    RECENT_PROMPTS_KEY = "MoMESegmentation/RecentPrompts"
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._completer = None
+        self._pollTimer = None
+
+    def resourcePath(self, filename):
+        """Resources are beside the module in a built extension and one folder up in the source tree."""
+        return moduleResourcePath(filename)
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MoMESegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MoMESegmentationLogic()
+        self.logic.logCallback = self.appendLog
+        self.logic.progressCallback = self.onJobProgress
+        self.logic.finishedCallback = self.onJobFinished
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", self.logic.processEvents)
+
+        for card in self.logic.modelCards():
+            self.ui.modelSelector.addItem(card.title, card.name)
+        self.ui.resultsTable.setColumnCount(5)
+        self.ui.resultsTable.setHorizontalHeaderLabels(
+            [_("Structure"), _("Matched term"), _("Volume (mL)"), _("Mean probability"), _("Found")])
+
+        self._completer = qt.QCompleter(self.ui.promptEdit)
+        self._completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        self._completer.setFilterMode(qt.Qt.MatchContains)
+        self._completer.setWidget(self.ui.promptEdit)
+        self._completer.connect("activated(QString)", self.onCompletionActivated)
+        self.ui.promptEdit.connect("textEdited(QString)", self.onPromptEdited)
+        self.updateCompleter()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.deviceSelector.connect("currentIndexChanged(int)", self.updateDeviceNote)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3DToggled)
+
+        self.initializeParameterNode()
+        self.updateDeviceNote()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+        if self._pollTimer:
+            self._pollTimer.stop()
+        if self.logic:
+            self.logic.shutdown()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        if self.logic and self.logic.busy:
+            self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Set and observe parameter node."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with the "SlicerParameterName" dynamic property in the .ui file are bound here.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            index = self.ui.modelSelector.findData(self._parameterNode.model)
+            if index >= 0:
+                self.ui.modelSelector.setCurrentIndex(index)
+            self.onModelSelected()
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        busy = bool(self.logic and self.logic.busy)
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.prompts.strip())
+        self.ui.segmentButton.enabled = ready and not busy
+        self.ui.cancelButton.enabled = busy
+        self.ui.segmentButton.toolTip = _("Segment the typed structures") if ready else _(
+            "Select an input volume and type at least one structure")
+
+    def onModelSelected(self, index=None) -> None:
+        name = self.ui.modelSelector.currentData
+        if not name:
+            return
+        if self._parameterNode and self._parameterNode.model != name:
+            self._parameterNode.model = name
+        self.ui.modelCardBrowser.setHtml(self.logic.modelCardHtml(name))
+        self.updateCompleter()
+
+    def updateDeviceNote(self, index=None) -> None:
+        self.ui.deviceNoteLabel.text = self.logic.deviceNote(self.ui.deviceSelector.currentIndex)
+
+    def recentPrompts(self):
+        value = qt.QSettings().value(self.RECENT_PROMPTS_KEY)
+        if not value:
+            return []
+        return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+    def updateCompleter(self) -> None:
+        if not self._completer:
+            return
+        terms = completion_terms(self.logic.modelStructures(self.ui.modelSelector.currentData),
+                                 self.logic.vocabularyPath(), self.recentPrompts())
+        self._completer.setModel(qt.QStringListModel(terms, self._completer))
+
+    def onPromptEdited(self, text) -> None:
+        fragment = last_prompt_fragment(text)
+        if not fragment:
+            self._completer.popup().hide()
+            return
+        self._completer.setCompletionPrefix(fragment)
+        self._completer.complete()
+
+    def onCompletionActivated(self, term) -> None:
+        self.ui.promptEdit.text = replace_last_prompt(self.ui.promptEdit.text, term)
+
+    def appendLog(self, text) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onSegmentButton(self) -> None:
+        """Start a segmentation in the background."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            p = self._parameterNode
+            qt.QSettings().setValue(self.RECENT_PROMPTS_KEY, update_recent_prompts(self.recentPrompts(), p.prompts))
+            self.updateCompleter()
+            self.ui.resultsTable.setRowCount(0)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+            self.logic.segment(
+                p.inputVolume, p.prompts, segmentationNode=p.outputSegmentation, wait=False, model=p.model,
+                device=p.device.value, roiNode=p.roi, replace=(p.segmentMode == SegmentMode.REPLACE),
+                probabilities=p.probabilities, largestComponent=p.largestComponent, fast=p.fastMode)
+            self._pollTimer.start()
+        self._checkCanApply()
+
+    def onCancelButton(self) -> None:
+        self.logic.cancel()
+
+    def onJobProgress(self, job) -> None:
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.statusLabel.text = f"{job.stage}: {job.message}" if job.message else job.stage
+
+    def onJobFinished(self, job) -> None:
+        self._pollTimer.stop()
+        self._checkCanApply()
+        if job.state == JobState.DONE:
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=job.elapsed_s)
+            self.showResults(job.summary)
+            if self._parameterNode and not self._parameterNode.outputSegmentation:
+                self._parameterNode.outputSegmentation = job.result_ref
+            if self.ui.show3DButton.checked:
+                self.logic.showSegmentation3D(job.result_ref, True)
+        elif job.state == JobState.CANCELLED:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled. The scene was not changed.")
+        else:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=job.error)
+            slicer.util.errorDisplay(_("Segmentation failed: {message}").format(message=job.error))
+
+    def showResults(self, summary) -> None:
+        rows = result_rows(summary)
+        self.ui.resultsTable.setRowCount(len(rows))
+        for rowIndex, row in enumerate(rows):
+            for column, text in enumerate(row.cells()):
+                self.ui.resultsTable.setItem(rowIndex, column, qt.QTableWidgetItem(text))
+        self.ui.resultsTable.resizeColumnsToContents()
+
+    def onShow3DToggled(self, checked) -> None:
+        segmentationNode = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if segmentationNode:
+            self.logic.showSegmentation3D(segmentationNode, checked)
+
+
+#
+# MoMESegmentationLogic
+#
+
+
+class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
+    """Runs MoME segmentations; usable from the Python console without the GUI::
+
+        logic = slicer.util.getModuleLogic("MoMESegmentation")
+        job = logic.segment(volumeNode, "liver, spleen", segmentationNode=None, wait=True)
+        job.result_ref  # the segmentation node
+
+    Inference runs in a worker process (``PythonSlicer -m MoMESegmentationLib.cli worker``) that
+    stays alive between runs; the scene is changed only when a job succeeds. The Logic is also the
+    scene adapter of :class:`SegmentationWorkflow` (``export_volume``, ``import_result``,
+    ``existing_segment_names``).
+    """
+
+    def __init__(self) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.logCallback = None
+        self.progressCallback = None
+        self.finishedCallback = None
+        self._workflow = None
+        self._cards = None
+
+    def getParameterNode(self):
+        return MoMESegmentationParameterNode(super().getParameterNode())
+
+    # Models, vocabulary, device
+
+    def modelCards(self):
+        if self._cards is None:
+            self._cards = load_model_cards(moduleResourcePath("models.json"))
+        return self._cards
+
+    def modelCard(self, name):
+        return next((card for card in self.modelCards() if card.name == name), None)
+
+    def modelCardHtml(self, name) -> str:
+        card = self.modelCard(name)
+        if card is None:
+            return _("No information about model {name}.").format(name=name)
+        from MoMESegmentationLib.registry import default_store
+
+        path = card.checkpoint_path(MODULE_LAYOUT["resources"], default_store())
+        return card.html(installed=None if path is None else os.path.isfile(path))
+
+    def modelStructures(self, name):
+        """Structure ids of a model: from the loaded worker when it holds this model, else its card."""
+        workflow = self._workflow
+        if workflow and workflow.structures and workflow.client.loaded and workflow.client.loaded.get("model") == name:
+            return workflow.structures
+        card = self.modelCard(name)
+        return list(card.structures) if card else []
+
+    def vocabularyPath(self):
+        path = moduleResourcePath("vocabulary.json")
+        return path if os.path.isfile(path) else None
+
+    def deviceNote(self, deviceIndex) -> str:
+        device = list(Device)[deviceIndex] if 0 <= deviceIndex < len(Device) else Device.AUTO
+        if device == Device.CPU:
+            threads = max(1, (os.cpu_count() or 1) - 2)
+            return _("Runs on {threads} CPU threads so that Slicer stays responsive; a CT takes minutes.").format(
+                threads=threads)
+        return _("GPU memory: about 4 GB for the demo model, 8-12 GB for the Universal Model. "
+                 "Out-of-memory errors stop only the worker, never Slicer.")
+
+    # Dependencies
+
+    def missingDependencies(self):
+        """Requirements that are not installed (checked without importing them)."""
+        try:
+            import slicer.packaging
+
+            return [r for r in MODULE_REQUIREMENTS if not slicer.packaging.pip_check(r)]
+        except ImportError:
+            return missing_requirements(MODULE_REQUIREMENTS)
+
+    def ensureDependencies(self, askConfirmation=True) -> bool:
+        """Install missing Python packages after asking; returns False if the user declined."""
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("MoME Segmentation needs additional Python packages. Installation needs a network connection "
+              "and may take several minutes. Click OK to install them."),
+            _("Install Python packages"),
+            detailedText=_("Packages to install: {packages}").format(packages=", ".join(missing)),
+        ):
+            return False
+        torchRequirement = next((r for r in missing if r.startswith("torch")), None)
+        if torchRequirement:
+            self.log(_("Installing PyTorch (this may take several minutes)..."))
+            self.installTorch(torchRequirement)
+        others = [r for r in missing if r != torchRequirement]
+        if others:
+            self.log(_("Installing {packages}...").format(packages=", ".join(others)))
+            try:
+                import slicer.packaging
+
+                slicer.packaging.pip_ensure(others, prompt_install=False, requester="MoMESegmentation")
+            except ImportError:
+                slicer.util.pip_install(others)
+        still = self.missingDependencies()
+        if still:
+            raise MoMEError(_("Python packages still missing after installation: {packages}").format(
+                packages=", ".join(still)))
+        return True
+
+    def installTorch(self, requirement) -> None:
+        """PyTorch through the PyTorch extension's installer (right CUDA build) when present, else pip."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            version = requirement[len("torch"):] or None
+            if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=version) is not None:
+                return
+            self.log(_("The PyTorch extension could not install PyTorch; trying pip."))
+        slicer.util.pip_install([requirement])
+
+    # Running
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._workflow and self._workflow.busy)
+
+    def workerCommand(self):
+        pythonSlicer = shutil.which("PythonSlicer")
+        if not pythonSlicer:
+            raise MoMEError(_("PythonSlicer was not found: cannot start the segmentation worker."))
+        return [pythonSlicer, "-m", "MoMESegmentationLib.cli", "worker"]
+
+    def workerEnvironment(self):
+        env = slicer.util.startupEnvironment()
+        libraryParent = MODULE_LAYOUT["libraryParent"]
+        if libraryParent:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def workflow(self) -> SegmentationWorkflow:
+        if self._workflow is None:
+            client = WorkerClient(self.workerCommand(), env=self.workerEnvironment(), log_callback=self.log,
+                                  cwd=MODULE_LAYOUT["libraryParent"])
+            self._workflow = SegmentationWorkflow(client, self, on_progress=self._onProgress,
+                                                  on_finished=self._onFinished)
+        return self._workflow
+
+    def segment(self, volumeNode, prompts, segmentationNode=None, wait=True, model="demo", device="auto",
+                roiNode=None, replace=False, probabilities=False, largestComponent=False, fast=False,
+                threads=None, timeout=None):
+        """Segment the structures named in ``prompts`` (comma-separated) in ``volumeNode``.
+
+        :param segmentationNode: segmentation that receives the segments; ``None`` creates one.
+        :param wait: block until the job ends (then raise on failure); otherwise return at once and
+            let :meth:`processEvents` (a QTimer in the module panel) drive it.
+        :return: the job (``job.state``, ``job.result_ref`` = segmentation node, ``job.summary``).
+        """
+        if not volumeNode:
+            raise MoMEError(_("Select an input volume."))
+        roi = self.roiBox(roiNode, volumeNode) if roiNode else None
+        options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, replace=replace,
+                                      probabilities=probabilities, largest_component=largestComponent, fast=fast)
+        workflow = self.workflow()
+        self.log(_("Segmenting '{prompts}' in {volume} with model {model} on {device}").format(
+            prompts=prompts, volume=volumeNode.GetName(), model=model, device=device))
+        job = workflow.start(volumeNode, prompts, segmentationNode, options)
+        if wait:
+            workflow.wait(timeout=timeout, idle=slicer.app.processEvents)
+            if job.state == JobState.RUNNING:
+                workflow.cancel()
+                raise MoMEError(_("The segmentation did not finish within {seconds} s.").format(seconds=timeout))
+            if job.state == JobState.FAILED:
+                raise MoMEError(job.error)
+        return job
+
+    def processEvents(self) -> None:
+        if self._workflow:
+            self._workflow.process_events()
+
+    def cancel(self) -> None:
+        if self._workflow:
+            self._workflow.cancel()
+
+    def shutdown(self) -> None:
+        if self._workflow:
+            self._workflow.shutdown()
+
+    def log(self, text) -> None:
+        logging.info(text)
+        if self.logCallback:
+            self.logCallback(text)
+
+    def _onProgress(self, job) -> None:
+        if self.progressCallback:
+            self.progressCallback(job)
+
+    def _onFinished(self, job) -> None:
+        if job.state == JobState.FAILED:
+            self.log(_("Segmentation failed: {message}").format(message=job.error))
+        else:
+            self.log(_("Segmentation {state} after {seconds:.1f} s").format(state=job.state.value, seconds=job.elapsed_s))
+        if self.finishedCallback:
+            self.finishedCallback(job)
+
+    def roiBox(self, roiNode, volumeNode):
+        """The ROI as an LPS box in the exported volume's coordinates (parent transform undone)."""
+        bounds = [0.0] * 6
+        roiNode.GetRASBounds(bounds)
+        corners = [[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
+        return roi_box_lps(corners, self.worldToVolumeMatrix(volumeNode))
+
+    def worldToVolumeMatrix(self, volumeNode):
+        parent = volumeNode.GetParentTransformNode()
+        if parent is None:
+            return None
+        if not parent.IsTransformToWorldLinear():
+            raise MoMEError(_("{volume} is under a non-linear transform: harden the transform first.").format(
+                volume=volumeNode.GetName()))
+        matrix = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformFromWorld(matrix)
+        return matrix
+
+    def showSegmentation3D(self, segmentationNode, show=True) -> None:
+        if not segmentationNode:
+            return
+        if show:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode:
+            displayNode.SetVisibility3D(bool(show))
+        layoutManager = slicer.app.layoutManager()
+        if show and layoutManager and layoutManager.threeDViewCount > 0:
+            layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
+
+    # Scene adapter (used by SegmentationWorkflow)
+
+    def export_volume(self, volumeNode, path) -> None:
+        """Write the volume with its exact IJK-to-RAS geometry, without touching its own storage node."""
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            if not storageNode.WriteData(volumeNode):
+                raise MoMEError(_("Could not write {volume} to {path}.").format(volume=volumeNode.GetName(), path=path))
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+
+    def existing_segment_names(self, segmentationNode):
+        if not segmentationNode:
+            return []
+        segmentation = segmentationNode.GetSegmentation()
+        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+    def import_result(self, segPath, summary, segmentationNode, replace, volumeNode):
+        """Copy the result's segments into ``segmentationNode`` (a new node when None); return it.
+
+        Names never overwrite existing segments unless ``replace``; colours come from the summary,
+        terminology from the file. On any error the scene is restored.
+        """
+        resultNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        resultNode.AddDefaultStorageNode()
+        storageNode = resultNode.GetStorageNode()
+        created = segmentationNode is None
+        addedIds = []
+        try:
+            storageNode.SetFileName(str(segPath))
+            if not storageNode.ReadData(resultNode):
+                raise MoMEError(_("Could not read the segmentation result {path}.").format(path=segPath))
+            if created:
+                name = slicer.mrmlScene.GenerateUniqueName(volumeNode.GetName() + " MoME")
+                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+                segmentationNode.CreateDefaultDisplayNodes()
+                segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            target = segmentationNode.GetSegmentation()
+            if target.GetNumberOfSegments() == 0:
+                segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                                    volumeNode.GetID())
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            source = resultNode.GetSegmentation()
+            sourceIds = [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]
+            plan = plan_segment_names([source.GetSegment(i).GetName() for i in sourceIds],
+                                      self.existing_segment_names(segmentationNode), replace)
+            colors = {entry.get("id"): entry.get("color") for entry in (summary or {}).get("structures") or []
+                      if isinstance(entry, dict)}
+            replacedIds = [target.GetSegmentIdBySegmentName(p.name) for p in plan if p.replaces_existing]
+            for sourceId, placement in zip(sourceIds, plan):
+                if not target.CopySegmentFromSegmentation(source, sourceId, False):
+                    raise MoMEError(_("Could not add segment {name}.").format(name=placement.name))
+                newId = target.GetNthSegmentID(target.GetNumberOfSegments() - 1)
+                addedIds.append(newId)
+                segment = target.GetSegment(newId)
+                segment.SetName(placement.name)
+                color = colors.get(sourceId)
+                if color and len(color) == 3:
+                    segment.SetColor(color[0] / 255.0, color[1] / 255.0, color[2] / 255.0)
+            for segmentId in replacedIds:
+                if segmentId:
+                    target.RemoveSegment(segmentId)
+        except Exception:
+            if created and segmentationNode is not None:
+                slicer.mrmlScene.RemoveNode(segmentationNode)
+            elif segmentationNode is not None:
+                for segmentId in addedIds:
+                    segmentationNode.GetSegmentation().RemoveSegment(segmentId)
+            raise
+        finally:
+            slicer.mrmlScene.RemoveNode(storageNode)
+            slicer.mrmlScene.RemoveNode(resultNode)
+
+        if created:
+            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+            studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+            shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
+        return segmentationNode
+
+
+#
+# MoMESegmentationTest
+#
+
+
+class MoMESegmentationTest(ScriptedLoadableModuleTest):
+    """
+    This is the test case for your scripted module.
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        """Do whatever is needed to reset the state - typically a scene clear will be enough."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        self.test_SegmentSampleCT()
+
+    def test_SegmentSampleCT(self):
+        """Segment three organs of the bundled CT with the demo model and check the segments."""
+        self.delayDisplay("Starting the test")
+        import SampleData
+
+        registerSampleData()
+        inputVolume = SampleData.downloadSample("MoMEExampleCT")
+        self.assertIsNotNone(inputVolume)
+        self.delayDisplay("Loaded the sample CT")
+
+        logic = MoMESegmentationLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        try:
+            job = logic.segment(inputVolume, "liver, spleen, left kidney", wait=True, model="demo", device="auto")
+        finally:
+            logic.shutdown()
+        self.assertEqual(job.state, JobState.DONE)
+        segmentationNode = job.result_ref
+        self.assertIsNotNone(segmentationNode)
+
+        structures = job.summary["structures"]
+        self.assertEqual([s["id"] for s in structures], ["liver", "spleen", "kidney_left"])
+        found = [s["name"] for s in structures if s["found"]]
+        self.assertTrue(found, "the demo model found none of liver, spleen, left kidney")
+        self.assertEqual(sorted(logic.existing_segment_names(segmentationNode)), sorted(found))
+        segmentation = segmentationNode.GetSegmentation()
+        for name in found:
+            segmentId = segmentation.GetSegmentIdBySegmentName(name)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, inputVolume)
+            self.assertGreater(int(mask.sum()), 0, f"segment {name} is empty")
+        self.delayDisplay("Test passed")
