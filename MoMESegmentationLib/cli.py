@@ -204,11 +204,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
             size = f"{path.stat().st_size / 1e6:.1f}"
             count = str(len(meta.get("structures", [])))
-            digest = meta.get("sha256", "")[:16]
+            digest = (meta.get("provenance", {}).get("source_sha256") or meta.get("weights", {}).get("sha256") or "")
         print(f"{entry.name:<24} {entry.kind:<9} {'yes' if present else 'no':<8} {count:>10} {size:>8}  "
               f"{entry.license}")
         if digest:
-            print(f"{'':<24} sha256 {digest}...  {path}")
+            print(f"{'':<24} sha256 {digest}  {path}")
     return 0
 
 

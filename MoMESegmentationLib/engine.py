@@ -267,9 +267,10 @@ class Segmenter:
         self.free_text = bool(self.meta.get("accepts_free_text", False))
         prep = self.meta.get("preprocessing", {})
         self.spacing = tuple(float(s) for s in prep.get("spacing", (1.5, 1.5, 1.5)))
-        self.window = tuple(float(v) for v in prep.get("intensity_window", (-175.0, 250.0)))
-        self.patch_size = tuple(int(p) for p in prep.get("patch_size", self.meta.get("architecture", {}).get(
-            "patch_size", (96, 96, 96))))
+        intensity = prep.get("intensity") or {}
+        self.window = tuple(float(v) for v in intensity.get("window", prep.get("intensity_window", (-175.0, 250.0))))
+        self.architecture = dict(self.meta.get("architecture", {}).get("config", {}))
+        self.patch_size = tuple(int(p) for p in prep.get("patch_size", self.architecture.get("patch_size", (96,) * 3)))
         self.overlap = float(overlap if overlap is not None else prep.get("overlap", 0.5))
         self.threshold = float(prep.get("threshold", 0.5))
         self.sw_batch_size = sw_batch_size
@@ -307,8 +308,8 @@ class Segmenter:
         return {
             "name": self.model_name,
             "checkpoint": str(self.checkpoint_path),
-            "sha256": self.meta.get("sha256"),
-            "variant": self.meta.get("variant"),
+            "sha256": self.meta.get("weights", {}).get("sha256"),
+            "variant": self.meta.get("architecture", {}).get("variant"),
             "structures": len(self.structures),
             "free_text": self.free_text,
             "device": str(self.device),
@@ -331,7 +332,10 @@ class Segmenter:
             raise PromptError("empty prompt: type one or more structures, e.g. 'liver, spleen, left kidney'")
         allowed = None if self.free_text else set(self.structures)
         similarity = self._nearest_known if (self.free_text and self.structure_embeddings is not None) else None
-        matches = self.vocabulary.resolve(texts, allowed=allowed, similarity=similarity)
+        try:
+            matches = self.vocabulary.resolve(texts, allowed=allowed, similarity=similarity)
+        except PromptError as error:
+            raise PromptError(f"{error}{self._suggest_other_models(texts)}") from None
         plans: list[PromptPlan] = []
         seen: set[str] = set()
         for match in matches:
@@ -341,6 +345,18 @@ class Segmenter:
             seen.add(key)
             plans.append(self._plan_one(match))
         return plans
+
+    def _suggest_other_models(self, texts: Sequence[str]) -> str:
+        """``"; known to model(s) X"`` for a structure this model lacks but another registered model has."""
+        from .registry import suggest_models
+
+        for text in texts:
+            for structure in self.vocabulary.lookup(text):
+                if structure.id not in self.structures:
+                    others = [m for m in suggest_models(structure.id) if m != self.model_name]
+                    if others:
+                        return f"; {structure.name} is known to model(s): {', '.join(others)}"
+        return ""
 
     def _plan_one(self, match) -> PromptPlan:
         structure = match.structure
@@ -389,7 +405,7 @@ class Segmenter:
         if self.device.type != "cuda":
             return 1
         free, _total = torch.cuda.mem_get_info(self.device)
-        feature_size = int(self.meta.get("architecture", {}).get("feature_size", 48))
+        feature_size = int(self.architecture.get("feature_size", 48))
         # About 1.6 GB of activations per 96^3 window at feature size 48 in half precision.
         per_window = 1.6e9 * (feature_size / 48) * (math.prod(self.patch_size) / 96 ** 3)
         return int(max(1, min(8, (0.5 * free) // per_window)))

@@ -16,7 +16,17 @@ from pathlib import Path
 from .errors import CheckpointError
 from .resources import resource_path, resources_dir
 
-__all__ = ["ModelEntry", "DEFAULT_MODEL", "default_store", "load_registry", "get_entry", "resolve_model"]
+__all__ = [
+    "ModelEntry",
+    "InstalledModel",
+    "DEFAULT_MODEL",
+    "default_store",
+    "load_registry",
+    "get_entry",
+    "resolve_model",
+    "installed_models",
+    "suggest_models",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +119,110 @@ def resolve_model(name_or_path: str | Path | None, store: Path | None = None) ->
         hint = f"; get it with `mome models download {text}` then `{entry.import_command}`" if entry.import_command else ""
         raise CheckpointError(f"model '{text}' is not installed (expected {path}){hint}")
     return path
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A segmentation model that is ready to use (what a model selector lists).
+
+    Attributes:
+        name: registry name, or the checkpoint's file stem for a checkpoint outside the registry.
+        title: one-line human title.
+        path: the ``.safetensors`` checkpoint (pass it, or ``name`` for registered models, to the engine).
+        structures: structure ids the model segments (rows of its embedding table).
+        accepts_free_text: whether prompts outside ``structures`` are allowed (text encoder present).
+        license: license of the weights.
+        source: where the weights came from (registry ``source_url`` or the checkpoint's provenance).
+        kind: ``"bundled"``, ``"imported"`` or ``"local"`` (found in the store, not in the registry).
+        source_sha256: SHA-256 of the file a converted model was imported from (``""`` if none).
+    """
+
+    name: str
+    title: str
+    path: Path
+    structures: tuple[str, ...]
+    accepts_free_text: bool
+    license: str = ""
+    source: str = ""
+    kind: str = "local"
+    source_sha256: str = ""
+
+
+def _installed_from_meta(name: str, title: str, path: Path, kind: str, meta: dict,
+                         entry: ModelEntry | None = None) -> InstalledModel:
+    provenance = meta.get("provenance") or {}
+    return InstalledModel(
+        name=name,
+        title=title,
+        path=path,
+        structures=tuple(meta.get("structures", ())),
+        accepts_free_text=bool(meta.get("accepts_free_text", False)),
+        license=(entry.license if entry and entry.license else str(provenance.get("license", ""))),
+        source=(entry.source_url if entry and entry.source_url else str(provenance.get("source_url", ""))),
+        kind=kind,
+        source_sha256=str(provenance.get("source_sha256", "")),
+    )
+
+
+def installed_models(store: Path | None = None) -> list[InstalledModel]:
+    """Every segmentation model that can be used now: registry entries whose checkpoint is present
+    (bundled or imported into ``store``) and any other checkpoint found in ``store`` (``*/*.json``
+    beside a ``.safetensors``). Only JSON descriptions are read; weights are not loaded.
+
+    Args:
+        store: the model store (default ``~/.mome/models``).
+
+    Returns:
+        Registered models first (registry order), then other checkpoints by name.
+    """
+    from .checkpoint import read_checkpoint_meta
+
+    store = Path(store) if store is not None else default_store()
+    found: list[InstalledModel] = []
+    seen: set[Path] = set()
+    for entry in load_registry().values():
+        path = entry.checkpoint_path(store)
+        if path is None or not path.is_file():
+            continue
+        try:
+            meta = read_checkpoint_meta(path)
+        except CheckpointError as error:
+            logger.warning("skipping %s: %s", entry.name, error)
+            continue
+        found.append(_installed_from_meta(entry.name, entry.title, path, entry.kind, meta, entry))
+        seen.add(path.resolve())
+    others = []
+    if store.is_dir():
+        for json_path in sorted(store.glob("*/*.json")):
+            weights = json_path.with_suffix(".safetensors")
+            if not weights.is_file() or weights.resolve() in seen:
+                continue
+            try:
+                meta = read_checkpoint_meta(json_path)
+            except CheckpointError:
+                continue
+            title = str((meta.get("provenance") or {}).get("model", weights.stem))
+            others.append(_installed_from_meta(weights.stem, title, weights, "local", meta))
+    return found + sorted(others, key=lambda m: m.name)
+
+
+def suggest_models(structure_id: str, store: Path | None = None) -> list[str]:
+    """Names of models that segment ``structure_id``: installed ones first, then registry entries
+    that can be downloaded (from their ``structures`` lists).
+
+    Args:
+        structure_id: a vocabulary id such as ``"liver_tumor"``.
+        store: the model store (default ``~/.mome/models``).
+
+    Returns:
+        Model names (registry names, or checkpoint stems for unregistered local checkpoints),
+        without repeats; empty when no known model lists the structure.
+    """
+    names: list[str] = []
+    for model in installed_models(store):
+        if structure_id in model.structures and model.name not in names:
+            names.append(model.name)
+    for entry in load_registry().values():
+        if structure_id in entry.structures and entry.name not in names:
+            names.append(entry.name)
+    return names

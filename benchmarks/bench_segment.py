@@ -80,7 +80,7 @@ def make_checkpoint(folder: Path, feature_size: int, patch: int, structures: lis
     embeddings = torch.nn.functional.normalize(torch.randn(len(structures), model.config.text_dim), dim=-1)
     path = folder / "bench.safetensors"
     save_checkpoint(path, model, text_encoder={}, structures=structures, structure_embeddings=embeddings,
-                    preprocessing={"orientation": "RAS", "spacing": [spacing] * 3, "intensity_window": [-175, 250],
+                    preprocessing={"orientation": "RAS", "spacing": [spacing] * 3, "intensity": {"window": [-175.0, 250.0], "range": [0.0, 1.0]},
                                    "patch_size": [patch] * 3, "overlap": overlap},
                     provenance={"purpose": "benchmark, random weights"}, metrics={})
     return path

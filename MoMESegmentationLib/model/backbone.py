@@ -62,8 +62,10 @@ class SwinUNETRBackbone(SwinUNETR):
         attn_drop_rate: attention dropout rate.
         dropout_path_rate: stochastic depth rate.
         use_checkpoint: gradient checkpointing of the Swin blocks.
-        downsample: patch-merging variant, ``"merging"`` (MONAI's original voxel order, used by
-            published SwinUNETR and Universal Model weights) or ``"mergingv2"``.
+        downsample: patch-merging variant: ``"merging"`` (MONAI's ``PatchMerging``; its voxel order
+            changed in MONAI 1.5), ``"mergingv2"``, or ``"merging_legacy"`` (the pre-1.5 order that
+            published Swin UNETR and Universal Model weights were trained with; see
+            :mod:`MoMESegmentationLib.importers.legacy_swin`).
         use_v2: SwinUNETR-V2 residual convolution at the start of each stage.
         patch_size: training patch size; only passed to MONAI releases whose constructor still
             requires ``img_size``.
@@ -95,8 +97,13 @@ class SwinUNETRBackbone(SwinUNETR):
     ) -> None:
         if not 0 <= finest_scale < NUM_DECODER_SCALES:
             raise ValueError(f"finest_scale must be in 0..{NUM_DECODER_SCALES - 1}, got {finest_scale}")
-        if downsample not in ("merging", "mergingv2"):
-            raise ValueError(f"downsample must be 'merging' or 'mergingv2', got {downsample!r}")
+        if downsample not in ("merging", "mergingv2", "merging_legacy"):
+            raise ValueError(f"downsample must be 'merging', 'mergingv2' or 'merging_legacy', got {downsample!r}")
+        merging: str | type = downsample
+        if downsample == "merging_legacy":
+            from ..importers.legacy_swin import LegacyPatchMerging
+
+            merging = LegacyPatchMerging
         kwargs = dict(
             in_channels=in_channels,
             out_channels=1,
@@ -108,7 +115,7 @@ class SwinUNETRBackbone(SwinUNETR):
             dropout_path_rate=dropout_path_rate,
             use_checkpoint=use_checkpoint,
             spatial_dims=3,
-            downsample=downsample,
+            downsample=merging,
             use_v2=use_v2,
         )
         img_size = inspect.signature(SwinUNETR.__init__).parameters.get("img_size")

@@ -89,7 +89,7 @@ class MoMEConfig:
     head_projection: bool = True  # 1x1x1 conv expert_channels -> head_channels; False needs equal widths
     prompt_chunk: int = 8  # prompts decoded together; bounds peak memory, results do not depend on it
     use_checkpoint: bool = False  # gradient checkpointing in the Swin transformer
-    swin_downsample: str = "merging"  # SwinUNETR patch merging: "merging" (original order) or "mergingv2"
+    swin_downsample: str = "merging"  # SwinUNETR patch merging: "merging", "mergingv2" or "merging_legacy" (pre-MONAI-1.5 order)
     use_v2: bool = False  # SwinUNETR-V2 residual convolution blocks
     dropout: float = 0.0  # dropout in the Swin transformer
     attn_dropout: float = 0.0  # attention dropout in the Swin transformer
@@ -139,9 +139,9 @@ class MoMEConfig:
                 f"head_projection=False needs expert_channels == head_channels, "
                 f"got {self.expert_channels} and {self.head_channels}"
             )
-        if self.swin_downsample not in ("merging", "mergingv2"):
+        if self.swin_downsample not in ("merging", "mergingv2", "merging_legacy"):
             raise ValueError(
-                f"swin_downsample must be 'merging' or 'mergingv2', got {self.swin_downsample!r}"
+                f"swin_downsample must be 'merging', 'mergingv2' or 'merging_legacy', got {self.swin_downsample!r}"
             )
         for name in ("dropout", "attn_dropout", "drop_path"):
             value = getattr(self, name)

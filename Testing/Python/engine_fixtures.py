@@ -25,7 +25,7 @@ def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0
     path = Path(folder) / "tiny.safetensors"
     save_checkpoint(
         path, model, text_encoder=text_encoder, structures=TINY_STRUCTURES, structure_embeddings=embeddings,
-        preprocessing={"orientation": "RAS", "spacing": [6.0, 6.0, 6.0], "intensity_window": [-175.0, 250.0],
+        preprocessing={"orientation": "RAS", "spacing": [6.0, 6.0, 6.0], "intensity": {"window": [-175.0, 250.0], "range": [0.0, 1.0]},
                        "patch_size": [64, 32, 32], "overlap": 0.25, "threshold": 0.5},
         provenance={"purpose": "unit tests; random weights"}, metrics={},
     )
