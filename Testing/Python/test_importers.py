@@ -276,8 +276,6 @@ def test_load_checkpoint_rebuilds_legacy_patch_merging(imported):
     from MoMESegmentationLib.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(imported[1])
-    if patch_merging_mode(loaded.model) != LEGACY_MERGING:
-        pytest.xfail("load_checkpoint does not yet call importers.legacy_swin.apply_checkpoint_patch_merging")
     assert patch_merging_mode(loaded.model) == LEGACY_MERGING
 
 
