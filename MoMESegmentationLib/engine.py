@@ -424,7 +424,7 @@ class Segmenter:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> torch.Tensor:
-        """Blended logits ``[K, D, H, W]`` (float32, CPU) on the body-cropped model grid.
+        """Blended logits ``[K, D, H, W]`` (float32, on the stitching device) on the body-cropped model grid.
 
         Windows whose features are cached skip the backbone; the rest run ``encode`` and are cached.
         On CUDA out-of-memory the batch is halved and stitching moves to the CPU.
@@ -482,7 +482,7 @@ class Segmenter:
             image, self.patch_size, batch, predictor, overlap=self.overlap, mode="gaussian",
             sw_device=self.device, device=stitch_device, with_coord=True,
         )
-        return logits[0].float().cpu()
+        return logits[0].float()
 
     # ----------------------------------------------------------------- public
     def segment(
@@ -540,18 +540,18 @@ class Segmenter:
 
         t0 = time.perf_counter()
         report(0.9, "postprocessing", "resampling to the input grid")
+        post = logits.device
         structures, masks, probs = [], [], []
-        best = np.zeros(volume.shape, dtype=np.float32)
-        labelmap = np.zeros(volume.shape, dtype=np.uint8 if len(plans) < 256 else np.uint16)
+        best = torch.zeros(volume.shape, dtype=torch.float32, device=post)
+        labelmap = torch.zeros(volume.shape, dtype=torch.int32, device=post)
         for index, plan in enumerate(plans):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            prob = self._to_input_grid(logits[index], prep, sub.shape)
-            full = np.zeros(volume.shape, dtype=np.float32)
-            full[box] = prob
+            full = torch.zeros(volume.shape, dtype=torch.float32, device=post)
+            full[box] = self._to_input_grid(logits[index], prep, sub.shape)
             mask = full >= self.threshold
-            if largest_component and mask.any():
-                mask = _largest_component(mask)
+            if largest_component and bool(mask.any()):
+                mask = torch.from_numpy(_largest_component(mask.cpu().numpy())).to(post)
             voxels = int(mask.sum())
             volume_ml = voxels * volume.voxel_volume_ml
             mean_prob = float(full[mask].mean()) if voxels else 0.0
@@ -559,7 +559,7 @@ class Segmenter:
             note = "" if found else ("no voxels above threshold" if voxels == 0 else
                                      f"below minimum size/confidence ({volume_ml:.2f} mL, p={mean_prob:.2f})")
             if not found:
-                mask = np.zeros_like(mask)
+                mask = torch.zeros_like(mask)
             label = index + 1
             take = mask & (full > best)
             labelmap[take] = label
@@ -569,9 +569,10 @@ class Segmenter:
                 match=plan.structure_id, similarity=plan.similarity, found=found, color=plan.color,
                 terminology=plan.terminology, volume_ml=volume_ml if found else 0.0,
                 mean_probability=mean_prob, voxels=voxels if found else 0, note=note))
-            masks.append(mask)
+            masks.append(mask.cpu().numpy())
             if probabilities:
-                probs.append(full)
+                probs.append(full.cpu().numpy())
+        labelmap = labelmap.cpu().numpy().astype(np.uint8 if len(plans) < 256 else np.uint16)
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - start
         report(1.0, "done", f"{sum(s.found for s in structures)} of {len(structures)} structures found")
@@ -579,17 +580,19 @@ class Segmenter:
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
                                   warnings=warnings, model=self.model_info(), timings=timings)
 
-    def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> np.ndarray:
-        """One structure's logits on the model grid -> probabilities on the (ROI-cropped) input grid."""
+    def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> torch.Tensor:
+        """One structure's logits on the model grid -> probabilities on the (ROI-cropped) input grid.
+
+        Runs on the device that holds ``logits`` (the GPU when stitching fitted there).
+        """
         from .io.geometry import resample_back, restore_from_canonical
 
-        full = torch.full(prep.resampled_shape, _OUTSIDE_LOGIT, dtype=torch.float32)
+        full = torch.full(prep.resampled_shape, _OUTSIDE_LOGIT, dtype=torch.float32, device=logits.device)
         full[prep.body_box] = logits
         canonical = resample_back(full[None], prep.resample_record, mode="linear")[0]
-        restored = restore_from_canonical(canonical, prep.canonical_record)
-        prob = torch.sigmoid(torch.as_tensor(restored)).numpy()
+        prob = torch.sigmoid(restore_from_canonical(canonical, prep.canonical_record))
         if tuple(prob.shape) != tuple(shape):
-            raise RuntimeError(f"internal error: restored shape {prob.shape} != input shape {shape}")
+            raise RuntimeError(f"internal error: restored shape {tuple(prob.shape)} != input shape {shape}")
         return prob
 
     def clear_cache(self) -> None:
