@@ -129,9 +129,16 @@ def render_montage(result, path: Path, title: str = "", reference_labels: np.nda
     for s in result.structures:
         colors[s.label] = (*[c / 255 for c in s.color], 0.55)
     cmap = ListedColormap(colors)
-    counts = [(lab == s.label).sum(axis=(0, 1)) for s in found] or [np.ones(ct.shape[2])]
-    axial_slices = np.argsort(np.sum(counts, axis=0))[::-1]
-    picks = sorted(set(int(z) for z in axial_slices[:1]) | {ct.shape[2] // 2})
+    # Two axial slices that show the most distinct structures, at least a tenth of the volume apart.
+    present = np.array([(lab == s.label).any(axis=(0, 1)) for s in found]).sum(axis=0) if found else None
+    if present is None or not present.any():
+        picks = [ct.shape[2] // 2]
+    else:
+        order = np.lexsort((-(lab > 0).sum(axis=(0, 1)), -present))
+        picks = [int(order[0])]
+        gap = max(3, ct.shape[2] // 10)
+        picks += [int(z) for z in order[1:] if abs(int(z) - picks[0]) >= gap][:1]
+        picks.sort()
     coronal = int(np.argmax((lab > 0).sum(axis=(0, 2)))) if lab.any() else ct.shape[1] // 2
     aspect_axial = canonical.spacing[1] / canonical.spacing[0]
     aspect_coronal = canonical.spacing[2] / canonical.spacing[0]
