@@ -160,3 +160,20 @@ def test_console_script_runs_as_a_process():
                                text=True, env=env, cwd=REPO, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "torch" in completed.stdout
+
+
+def test_dicom_folder_output_on_the_series_grid(checkpoint, tmp_path, capsys):
+    from test_io_dicom import oblique_cosines, write_ct_series
+
+    ct = make_ct(shape=(30, 28, 12), spacing=(4.0, 4.0, 5.0))
+    stored = (ct.array + 1024).astype(np.int16)
+    write_ct_series(tmp_path / "dicom", stored, spacing=(4.0, 4.0, 5.0), cosines=oblique_cosines(0.3, 0.2))
+    out = tmp_path / "dicom_seg.nii.gz"
+    code, _, stderr = run(["segment", tmp_path / "dicom", "-p", "liver", "-o", out, "--model", checkpoint,
+                           "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, stderr
+    series = read_volume(tmp_path / "dicom")
+    labels = read_volume(out)
+    assert labels.shape == series.shape
+    assert labels.same_grid(series, atol=1e-4)
+    assert not np.allclose(series.direction, np.eye(3))  # the oblique geometry survived
