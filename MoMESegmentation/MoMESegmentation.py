@@ -81,6 +81,15 @@ def moduleResourcePath(*parts):
 #
 
 
+
+def _slicerPackaging():
+    """``slicer.packaging`` where this Slicer has it (5.12 and later), else None."""
+    try:
+        from slicer import packaging
+    except ImportError:
+        return None
+    return packaging
+
 class MoMESegmentation(ScriptedLoadableModule):
     """Uses ScriptedLoadableModule base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
@@ -121,7 +130,8 @@ def registerSampleData():
     if not os.path.isfile(ctPath):
         logging.warning(f"MoMESegmentation sample CT not found: {ctPath}")
         return
-    SampleData.SampleDataLogic.registerCustomSampleDataCategory("MoMESegmentation", title=_("MoME Segmentation"))
+    if hasattr(SampleData.SampleDataLogic, "registerCustomSampleDataCategory"):  # Slicer 5.12 and later
+        SampleData.SampleDataLogic.registerCustomSampleDataCategory("MoMESegmentation", title=_("MoME Segmentation"))
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="MoMESegmentation",
         sampleName="MoMEExampleCT",
@@ -492,12 +502,10 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def missingDependencies(self):
         """Requirements that are not installed (checked without importing them)."""
-        try:
-            import slicer.packaging
-
-            return [r for r in MODULE_REQUIREMENTS if not slicer.packaging.pip_check(r)]
-        except ImportError:
-            return missing_requirements(MODULE_REQUIREMENTS)
+        slicerPackaging = _slicerPackaging()
+        if slicerPackaging is not None:
+            return [r for r in MODULE_REQUIREMENTS if not slicerPackaging.pip_check(r)]
+        return missing_requirements(MODULE_REQUIREMENTS)
 
     def ensureDependencies(self, askConfirmation=True) -> bool:
         """Install missing Python packages after asking; returns False if the user declined."""
@@ -518,11 +526,11 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         others = [r for r in missing if r != torchRequirement]
         if others:
             self.log(_("Installing {packages}...").format(packages=", ".join(others)))
-            try:
-                import slicer.packaging
-
-                slicer.packaging.pip_ensure(others, prompt_install=False, requester="MoMESegmentation")
-            except ImportError:
+            slicerPackaging = _slicerPackaging()
+            if slicerPackaging is not None:
+                slicerPackaging.pip_ensure(others, prompt_install=False, requester="MoMESegmentation",
+                                           skip_in_testing=False)
+            else:
                 slicer.util.pip_install(others)
         still = self.missingDependencies()
         if still:
@@ -630,6 +638,10 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def roiBox(self, roiNode, volumeNode):
         """The ROI as an LPS box in the exported volume's coordinates (parent transform undone)."""
+        size = [0.0] * 3
+        roiNode.GetSizeWorld(size)
+        if min(size) <= 0:
+            raise MoMEError(_("Region of interest {name} is empty: place it first.").format(name=roiNode.GetName()))
         bounds = [0.0] * 6
         roiNode.GetRASBounds(bounds)
         corners = [[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
@@ -694,12 +706,16 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             if created:
                 name = slicer.mrmlScene.GenerateUniqueName(volumeNode.GetName() + " MoME")
                 segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-                segmentationNode.CreateDefaultDisplayNodes()
-                segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            # Nodes made by the node selector have no display node; this is a no-op when one exists.
+            segmentationNode.CreateDefaultDisplayNodes()
             target = segmentationNode.GetSegmentation()
+            if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+                if target.GetNumberOfSegments() == 0:
+                    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+                else:
+                    raise MoMEError(_("{segmentation} and {volume} are under different transforms.").format(
+                        segmentation=segmentationNode.GetName(), volume=volumeNode.GetName()))
             if target.GetNumberOfSegments() == 0:
-                segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
-                                                    volumeNode.GetID())
                 segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
             source = resultNode.GetSegmentation()
             sourceIds = [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]
@@ -729,6 +745,9 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
                     segmentationNode.GetSegmentation().RemoveSegment(segmentId)
             raise
         finally:
+            displayNode = resultNode.GetDisplayNode()
+            if displayNode:
+                slicer.mrmlScene.RemoveNode(displayNode)
             slicer.mrmlScene.RemoveNode(storageNode)
             slicer.mrmlScene.RemoveNode(resultNode)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -115,12 +116,17 @@ class WorkerClient:
         if self.is_running():
             return
         self._reset_queues()
-        creationflags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        # PythonSlicer is a launcher that runs the real interpreter as its child: give the pair a
+        # process group of their own so that a kill reaches both.
+        if sys.platform == "win32":
+            group = {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)
+                     | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+        else:
+            group = {"start_new_session": True}
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
-                creationflags=creationflags,
+                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group,
             )
         except OSError as error:
             self._process = None
@@ -361,12 +367,13 @@ class WorkerClient:
 
     def _kill(self) -> None:
         process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()
-            try:
-                process.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                logger.error("worker pid %d did not exit after kill", process.pid)
+        if process is None:
+            return
+        _kill_tree(process)
+        try:
+            process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            logger.error("worker pid %d did not exit after kill", process.pid)
 
     def _join_threads(self) -> None:
         for thread in self._threads:
@@ -392,7 +399,22 @@ class WorkerClient:
 
     def __del__(self) -> None:  # best effort: never leave an orphan worker behind
         try:
-            if self._process is not None and self._process.poll() is None:
-                self._process.kill()
+            if self._process is not None:
+                _kill_tree(self._process)
         except Exception:
             pass
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill the worker and its children (the launcher's real interpreter), even if the launcher is gone."""
+    if sys.platform == "win32":
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    else:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if process.poll() is None:
+        process.kill()
