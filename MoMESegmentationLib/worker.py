@@ -72,6 +72,9 @@ def serve(stdin: IO[str], stdout: IO[str]) -> int:
                         current["token"].cancel()
                 continue
             requests.put(request)
+        with lock:  # the client is gone: stop the running job too
+            if current["token"] is not None:
+                current["token"].cancel()
         requests.put({"cmd": "shutdown"})
 
     threading.Thread(target=read, name="mome-worker-stdin", daemon=True).start()
