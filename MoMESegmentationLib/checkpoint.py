@@ -54,6 +54,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_meta",
     "resolve_checkpoint_paths",
+    "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ def resolve_checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     raise CheckpointError(f"{p}: not a checkpoint (expected a .safetensors file, its .json or their folder)")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -280,7 +282,7 @@ def save_checkpoint(
         "extra": sections["extra"],
         "weights": {
             "file": weights_path.name,
-            "sha256": _sha256(weights_path),
+            "sha256": sha256_file(weights_path),
             "bytes": weights_path.stat().st_size,
             "dtype": "float16" if half else "float32",
         },

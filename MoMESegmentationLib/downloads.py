@@ -11,7 +11,6 @@ offline).
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .checkpoint import sha256_file
 from .errors import MoMEError
 from .registry import ModelEntry, default_store, get_entry, load_registry
 
@@ -57,14 +57,6 @@ class DownloadResult:
 def downloads_dir(store: Path | None = None) -> Path:
     """Where downloaded source files are kept: ``<store>/downloads``."""
     return (Path(store) if store is not None else default_store()) / "downloads"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _offline_error(url: str, reason: object) -> MoMEError:
@@ -118,7 +110,7 @@ def download_file(
     part = dest.with_name(dest.name + ".part")
     expected_size = int(expected_size) if expected_size else None
     if dest.is_file() and (expected_size is None or dest.stat().st_size == expected_size):
-        digest = _sha256(dest)
+        digest = sha256_file(dest)
         if expected_sha256 and digest != expected_sha256.lower():
             raise MoMEError(
                 f"{dest}: SHA-256 {digest[:12]}... is not the expected {expected_sha256[:12]}...; "
@@ -164,7 +156,7 @@ def download_file(
         raise MoMEError(
             f"{part}: got {size} bytes, expected {expected_size}; run the same command again to resume"
         )
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if expected_sha256 and digest != expected_sha256.lower():
         part.unlink()
         raise MoMEError(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import sha256_file
 from ..errors import CheckpointError
 
 __all__ = ["load_weights_only", "find_state_dict", "strip_prefix", "sha256_file"]
@@ -27,17 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: Keys under which training scripts commonly store the network's state dict, most specific first.
 STATE_DICT_KEYS = ("net", "state_dict", "model", "model_state_dict", "network", "weights")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_weights_only(path: str | os.PathLike) -> Any:
