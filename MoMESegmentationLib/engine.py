@@ -268,7 +268,7 @@ class Segmenter:
         prep = self.meta.get("preprocessing", {})
         self.spacing = tuple(float(s) for s in prep.get("spacing", (1.5, 1.5, 1.5)))
         intensity = prep.get("intensity") or {}
-        self.window = tuple(float(v) for v in intensity.get("window", prep.get("intensity_window", (-175.0, 250.0))))
+        self.window = tuple(float(v) for v in intensity.get("window", (-175.0, 250.0)))
         self.architecture = dict(self.meta.get("architecture", {}).get("config", {}))
         self.patch_size = tuple(int(p) for p in prep.get("patch_size", self.architecture.get("patch_size", (96,) * 3)))
         self.overlap = float(overlap if overlap is not None else prep.get("overlap", 0.5))

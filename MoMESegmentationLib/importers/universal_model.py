@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import DEFAULT_PREPROCESSING
 from ..errors import CheckpointError
 from ..resources import resource_path
 from .legacy_swin import LEGACY_MERGING, legacy_config_supported, use_legacy_patch_merging
@@ -62,11 +63,9 @@ NUM_CLASSES = 32
 EMBEDDING_KEY = "organ_embedding"
 
 #: Preprocessing and inference settings of the original test script (test.py, dataset/dataloader.py).
+#: They coincide with the project's defaults (RAS, 1.5 mm, HU window [-175, 250] -> [0, 1]).
 UNIVERSAL_MODEL_PREPROCESSING: dict[str, Any] = {
-    "orientation": "RAS",
-    "spacing": [1.5, 1.5, 1.5],
-    "intensity": {"window": [-175.0, 250.0], "range": [0.0, 1.0], "clip": True},
-    "intensity_window": [-175.0, 250.0],
+    **DEFAULT_PREPROCESSING,
     "patch_size": [96, 96, 96],
     "overlap": 0.5,
     "blend": "gaussian",

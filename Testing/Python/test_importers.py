@@ -243,7 +243,7 @@ def test_import_records_structures_preprocessing_and_provenance(imported):
     assert meta["architecture"]["patch_merging"] == LEGACY_MERGING
     prep = meta["preprocessing"]
     assert prep["orientation"] == "RAS" and prep["spacing"] == [1.5, 1.5, 1.5]
-    assert prep["intensity"]["window"] == [-175.0, 250.0] and prep["intensity_window"] == [-175.0, 250.0]
+    assert prep["intensity"]["window"] == [-175.0, 250.0]
     assert prep["patch_size"] == [96, 96, 96] and prep["overlap"] == 0.5 and prep["threshold"] == 0.5
     assert prep["blend"] == "gaussian" and prep["activation"] == "sigmoid"
     provenance = meta["provenance"]
