@@ -312,22 +312,35 @@ class CaseSource:
 
 
 class PhantomSource(CaseSource):
-    """Phantoms generated on the fly from seeds ``spec.seed .. spec.seed + spec.n - 1``."""
+    """Phantoms drawn from seeds ``spec.seed .. spec.seed + spec.n - 1`` and preprocessed.
+
+    Phantoms are deterministic, so MONAI's ``CacheDataset`` builds the cached share
+    (``spec.cache_rate``) once, in threads, before any DataLoader worker starts: the workers inherit
+    it instead of each drawing every phantom again. Uncached phantoms are drawn when used.
+    """
 
     def __init__(self, spec: DatasetSpec, structures: Sequence[str], groups: dict[str, list[str]],
-                 transforms: TransformConfig) -> None:
+                 transforms: TransformConfig, cache_workers: int = 0) -> None:
+        from monai.data import CacheDataset
+        from monai.transforms import Compose, Lambda
+
         self.spec = spec
         self.name = spec.name
         self.weight = spec.weight
         self.structures = list(structures)
         self.groups = groups
-        self.preprocess = preprocess_transforms(transforms)
-        self._cache: dict[int, dict[str, Any]] = {}  # per process (each DataLoader worker has its own)
+        self.dataset = CacheDataset(
+            data=[int(spec.seed) + i for i in range(int(spec.n))],
+            transform=Compose([Lambda(func=self._draw), preprocess_transforms(transforms)]).flatten(),
+            cache_rate=spec.cache_rate,
+            num_workers=cache_workers or None,
+            progress=False,
+        )
 
     def __len__(self) -> int:
         return int(self.spec.n)
 
-    def phantom(self, seed: int) -> dict[str, Any]:
+    def _draw(self, seed: int) -> dict[str, Any]:
         from ..data.phantoms import make_phantom
 
         rng = np.random.default_rng(sample_seed(seed, 0, 7))
@@ -341,19 +354,12 @@ class PhantomSource(CaseSource):
         phantom = make_phantom(seed, shape=shape, spacing=spacing, random_orientation=self.spec.random_orientation)
         values = {int(v): (str(n),) for v, n in phantom.label_table.items()}
         labels = np.asarray(phantom.labels.array).astype(np.int32)
-        item = make_item(phantom.image, labels, values, self.structures, self.groups,
+        return make_item(phantom.image, labels, values, self.structures, self.groups,
                          case_id=f"phantom{seed}", dataset=self.name)
-        return self.preprocess(item)
 
     def case(self, index: int) -> dict[str, Any]:
-        """Preprocessed phantom ``index``; kept in memory when ``cache_rate > 0`` (phantoms are deterministic)."""
-        seed = int(self.spec.seed) + int(index) % len(self)
-        if seed in self._cache:
-            return self._cache[seed]
-        item = self.phantom(seed)
-        if self.spec.cache_rate > 0 and len(self._cache) < math.ceil(self.spec.cache_rate * len(self)):
-            self._cache[seed] = item
-        return item
+        """Preprocessed phantom ``index`` (modulo ``len(self)``)."""
+        return self.dataset[int(index) % len(self)]
 
     def annotated(self) -> list[str]:
         return list(self.case(0)["structure_values"])
@@ -383,7 +389,7 @@ class CaseListSource(CaseSource):
         loader = Lambda(func=self._load)
         self.dataset = CacheDataset(
             data=list(range(len(self.records))),
-            transform=Compose([loader, preprocess_transforms(transforms)]),
+            transform=Compose([loader, preprocess_transforms(transforms)]).flatten(),
             cache_rate=cache_rate,
             num_workers=cache_workers or None,
             progress=False,
@@ -524,7 +530,7 @@ def build_sources(config: TrainConfig, structures: Sequence[str], load: bool = T
         if spec.kind in ("phantoms", "sample_ct") and not load:
             continue
         if spec.kind == "phantoms":
-            sources.append(PhantomSource(spec, structures, groups, config.transforms))
+            sources.append(PhantomSource(spec, structures, groups, config.transforms, config.data.cache_workers))
             continue
         if spec.kind == "sample_ct":
             sources.append(CaseListSource(spec.name, spec.weight, [lambda: _sample_ct_item(structures, groups)],
@@ -553,7 +559,7 @@ def build_validation_items(config: TrainConfig, structures: Sequence[str], held_
         val_spec = DatasetSpec(kind="phantoms", name="val_phantoms", n=spec.phantoms, seed=spec.phantom_seed,
                                size_range=[spec.phantom_size[0]] * 2 if spec.phantom_size else base.size_range,
                                spacing_range=base.spacing_range, random_orientation=base.random_orientation)
-        source = PhantomSource(val_spec, structures, groups, config.transforms)
+        source = PhantomSource(val_spec, structures, groups, config.transforms, config.data.cache_workers)
         items += [source.case(i) for i in range(spec.phantoms)]
     preprocess = Compose([preprocess_transforms(config.transforms)])
     for record in list(held_out)[: max(0, spec.max_cases - len(items))]:

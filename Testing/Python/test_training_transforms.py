@@ -162,3 +162,34 @@ def test_config_rejects_unknown_keys():
         config_from_dict({"data": {"datasets": [{"kind": "phantoms"}]}, "optim": {"learning_rate": 1}})
     with pytest.raises(MoMEError, match="kind"):
         config_from_dict({"data": {"datasets": [{"kind": "nope"}]}})
+
+
+def test_sources_cache_fully_preprocessed_cases(monkeypatch):
+    """Phantoms and real cases are drawn/read and preprocessed once, before any DataLoader worker
+    starts; drawing a cached case again runs neither the generator nor the resampling."""
+    from MoMESegmentationLib.data import phantoms
+    from MoMESegmentationLib.training import datasets
+
+    config = config_from_dict({
+        "data": {"structures": STRUCTURES, "datasets": [
+            {"kind": "phantoms", "name": "phantoms", "n": 2, "seed": 0, "spacing_range": [6.0, 6.0]},
+            {"kind": "sample_ct", "name": "sample_ct"},
+        ]},
+        "transforms": {"spacing": [6.0, 6.0, 6.0], "patch_size": [64, 64, 64]},
+    })
+    sources = datasets.build_sources(config, STRUCTURES).sources
+    assert [len(s) for s in sources] == [2, 1]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached case was computed again")
+
+    monkeypatch.setattr(phantoms, "make_phantom", forbidden)
+    monkeypatch.setattr(datasets, "_sample_ct_item", forbidden)
+    import monai.transforms
+
+    monkeypatch.setattr(monai.transforms.Spacingd, "__call__", forbidden)
+    for source in sources:
+        for index in range(len(source)):
+            item = source.case(index)
+            assert np.allclose(item["image"].pixdim.numpy(), 6.0)
+            assert item["label"].shape == item["image"].shape
