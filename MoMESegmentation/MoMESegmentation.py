@@ -59,6 +59,7 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     last_prompt_fragment,
     load_model_cards,
     missing_requirements,
+    model_card_html,
     plan_segment_names,
     replace_last_prompt,
     result_rows,
@@ -474,8 +475,8 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             return _("No information about model {name}.").format(name=name)
         from MoMESegmentationLib.registry import default_store
 
-        path = card.checkpoint_path(MODULE_LAYOUT["resources"], default_store())
-        return card.html(installed=None if path is None else os.path.isfile(path))
+        path = card.checkpoint_path(default_store(), resources=MODULE_LAYOUT["resources"])
+        return model_card_html(card, installed=None if path is None else os.path.isfile(path))
 
     def modelStructures(self, name):
         """Structure ids of a model: from the loaded worker when it holds this model, else its card."""

@@ -20,6 +20,7 @@ __all__ = [
     "ModelEntry",
     "InstalledModel",
     "DEFAULT_MODEL",
+    "SEGMENTATION_KINDS",
     "default_store",
     "load_registry",
     "get_entry",
@@ -37,6 +38,10 @@ DEFAULT_MODEL = "demo"
 def default_store() -> Path:
     """The folder that holds downloaded and converted models (``~/.mome/models``)."""
     return Path.home() / ".mome" / "models"
+
+
+#: Registry kinds that are segmentation models (a "backbone" entry only initialises training).
+SEGMENTATION_KINDS = ("bundled", "imported")
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,22 @@ class ModelEntry:
     import_command: str = ""  # how to turn the download into a checkpoint
     extra: dict = field(default_factory=dict)
 
-    def checkpoint_path(self, store: Path | None = None) -> Path | None:
-        """Where this model's checkpoint lives (``None`` for entries that are not segmentation models)."""
+    @property
+    def is_segmentation_model(self) -> bool:
+        """Bundled and imported entries segment; backbone entries only initialise training."""
+        return self.kind in SEGMENTATION_KINDS
+
+    def checkpoint_path(self, store: Path | None = None, resources: Path | str | None = None) -> Path | None:
+        """Where this model's checkpoint lives (``None`` for entries without one).
+
+        Bundled checkpoints are under ``resources`` (default: the library's ``Resources/``), the
+        others in the user's model ``store``.
+        """
         if not self.checkpoint:
             return None
         if self.kind == "bundled":
-            return resources_dir() / self.checkpoint
-        return (store or default_store()) / self.checkpoint
+            return Path(resources or resources_dir()) / self.checkpoint
+        return Path(store or default_store()) / self.checkpoint
 
     def is_present(self, store: Path | None = None) -> bool:
         path = self.checkpoint_path(store)
@@ -79,13 +93,20 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))["models"]
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: cannot read the model registry ({error})") from None
-    known = set(ModelEntry.__dataclass_fields__)
+    if not isinstance(rows, list):
+        raise CheckpointError(f"{path}: 'models' must be a list")
+    known = set(ModelEntry.__dataclass_fields__) - {"extra"}
     entries = {}
-    for row in rows:
-        row = dict(row)
-        row["structures"] = tuple(row.get("structures", ()))
-        extra = {k: row.pop(k) for k in list(row) if k not in known}
-        entries[row["name"]] = ModelEntry(**row, extra=extra) if extra else ModelEntry(**row)
+    for number, row in enumerate(rows, start=1):
+        name = str(row.get("name") or "").strip() if isinstance(row, dict) else ""
+        if not name:
+            logger.warning("%s: model %d has no name; skipped", path, number)
+            continue
+        structures = row.get("structures")
+        fields = {k: v for k, v in row.items() if k in known}
+        fields.update(name=name, title=str(row.get("title") or name), kind=str(row.get("kind") or "bundled"),
+                      structures=tuple(str(s) for s in structures) if isinstance(structures, list) else ())
+        entries[name] = ModelEntry(**fields, extra={k: v for k, v in row.items() if k not in known})
     return entries
 
 

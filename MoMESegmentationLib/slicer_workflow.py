@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import InputError, MoMEError, PromptError
+from .errors import CheckpointError, InputError, MoMEError, PromptError
+from .registry import ModelEntry, load_registry
 from .worker_client import CANCEL_TIMEOUT_S, WorkerClient, WorkerError, default_threads
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "roi_box_lps",
     "NrrdGeometry",
     "read_nrrd_geometry",
-    "ModelCard",
+    "model_card_html",
     "load_model_cards",
     "completion_terms",
     "last_prompt_fragment",
@@ -595,87 +596,41 @@ def read_nrrd_geometry(path: str | Path) -> NrrdGeometry:
 # Model cards, prompt completion, dependencies
 # ------------------------------------------------------------------------------------------
 
-_SEGMENTATION_KINDS = ("bundled", "imported")
+def model_card_html(entry: ModelEntry, installed: bool | None = None) -> str:
+    """What the panel shows about a registry model, as simple HTML (for a QTextBrowser)."""
+    from html import escape
+
+    parts = [f"<b>{escape(entry.title or entry.name)}</b>"]
+    if installed is False:
+        hint = f" Install it with <code>{escape(entry.import_command)}</code>." if entry.import_command else ""
+        parts.append(f"<i>Not installed.{hint}</i>")
+    if entry.description:
+        parts.append(escape(entry.description))
+    if entry.training_data:
+        parts.append(f"<b>Training data:</b> {escape(entry.training_data)}")
+    if entry.license:
+        parts.append(f"<b>License:</b> {escape(entry.license)}")
+    if entry.structures:
+        parts.append(f"<b>Structures:</b> {len(entry.structures)}")
+    use = entry.intended_use.strip()
+    if use:
+        parts.append(f"<b>Intended use:</b> {escape(use)}")
+    if "not for diagnosis" not in use.lower():
+        parts.append("<b>Research use, not for diagnosis.</b>")
+    return "<br>".join(parts)
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What the panel shows about a model (read from ``Resources/models.json``)."""
+def load_model_cards(path: str | Path) -> list[ModelEntry]:
+    """Segmentation models of a registry file; a missing or malformed file gives ``[]``.
 
-    name: str
-    title: str
-    description: str = ""
-    training_data: str = ""
-    license: str = ""
-    intended_use: str = ""
-    structures: tuple[str, ...] = ()
-    kind: str = "bundled"
-    checkpoint: str = ""
-    import_command: str = ""
-
-    def html(self, installed: bool | None = None) -> str:
-        """The card as simple HTML (for a QTextBrowser)."""
-        from html import escape
-
-        parts = [f"<b>{escape(self.title or self.name)}</b>"]
-        if installed is False:
-            hint = f" Install it with <code>{escape(self.import_command)}</code>." if self.import_command else ""
-            parts.append(f"<i>Not installed.{hint}</i>")
-        if self.description:
-            parts.append(escape(self.description))
-        if self.training_data:
-            parts.append(f"<b>Training data:</b> {escape(self.training_data)}")
-        if self.license:
-            parts.append(f"<b>License:</b> {escape(self.license)}")
-        if self.structures:
-            parts.append(f"<b>Structures:</b> {len(self.structures)}")
-        use = self.intended_use.strip()
-        caution = "Research use, not for diagnosis."
-        parts.append(f"<b>Intended use:</b> {escape(use)}" if use else "")
-        if caution.lower().rstrip(".") not in use.lower():
-            parts.append(f"<b>{caution}</b>")
-        return "<br>".join(p for p in parts if p)
-
-    def checkpoint_path(self, resources: str | Path | None, store: str | Path | None) -> Path | None:
-        """Where the weights are: under ``resources`` when bundled, else in the user's model ``store``."""
-        if not self.checkpoint:
-            return None
-        base = resources if self.kind == "bundled" else store
-        return Path(base) / self.checkpoint if base is not None else None
-
-
-def load_model_cards(path: str | Path) -> list[ModelCard]:
-    """Segmentation models listed in a registry file; a missing or malformed file gives ``[]``.
-
-    Entries without a name, and backbone entries (no segmentation heads), are skipped.
+    The panel must open whatever the file holds: unreadable files are logged, not raised.
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        logger.warning("cannot read the model registry %s: %s", path, error)
+        registry = load_registry(Path(path))
+    except CheckpointError as error:
+        logger.warning("%s", error)
         return []
-    rows = data.get("models") if isinstance(data, dict) else data
-    cards = []
-    for row in rows if isinstance(rows, list) else []:
-        if not isinstance(row, dict) or not str(row.get("name") or "").strip():
-            continue
-        kind = str(row.get("kind") or "bundled")
-        if kind not in _SEGMENTATION_KINDS:
-            continue
-        structures = row.get("structures") or []
-        cards.append(ModelCard(
-            name=str(row["name"]).strip(),
-            title=str(row.get("title") or row["name"]),
-            description=str(row.get("description") or ""),
-            training_data=str(row.get("training_data") or ""),
-            license=str(row.get("license") or ""),
-            intended_use=str(row.get("intended_use") or ""),
-            structures=tuple(str(s) for s in structures) if isinstance(structures, list) else (),
-            kind=kind,
-            checkpoint=str(row.get("checkpoint") or ""),
-            import_command=str(row.get("import_command") or ""),
-        ))
-    return cards
+    return [entry for entry in registry.values() if entry.is_segmentation_model]
 
 
 def _display(structure_id: str) -> str:

@@ -80,7 +80,7 @@ def populate(widget) -> None:
     from PySide6.QtWidgets import QComboBox, QLineEdit, QTableWidget, QTextBrowser
 
     sys.path.insert(0, str(REPO))
-    from MoMESegmentationLib.slicer_workflow import ResultRow, load_model_cards
+    from MoMESegmentationLib.slicer_workflow import ResultRow, load_model_cards, model_card_html
 
     def child(kind, name):
         found = widget.findChild(kind, name)
@@ -103,7 +103,7 @@ def populate(widget) -> None:
     table.setHorizontalHeaderLabels(list(ResultRow.HEADERS))
     table.resizeColumnsToContents()
     if cards:
-        child(QTextBrowser, "modelCardBrowser").setHtml(cards[0].html())
+        child(QTextBrowser, "modelCardBrowser").setHtml(model_card_html(cards[0]))
 
 
 def render(output: Path = DEFAULT_OUTPUT, ui_path: Path = UI_PATH, width: int = 440) -> Path:

@@ -97,7 +97,6 @@ class DataConfig:
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     prompts_per_sample: int = 4  # K: prompts scored per training patch
     positive_fraction: float = 0.5  # share of the K prompts drawn from structures present in the patch
-    replay_structures: list[str] = field(default_factory=list)  # fine-tuning: always keep these in the mix
     num_workers: int = 0  # DataLoader worker processes
     cache_workers: int = 0  # threads that fill the case cache
 

@@ -27,14 +27,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from MoMESegmentationLib.registry import ModelEntry  # noqa: E402
 from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
-    ModelCard,
     ResultRow,
     completion_terms,
     ijk_to_ras_from_lps_geometry,
     load_model_cards,
     lps_geometry_from_ijk_to_ras,
     missing_requirements,
+    model_card_html,
     plan_segment_names,
     read_nrrd_geometry,
     result_rows,
@@ -462,7 +463,8 @@ class PureHelpersTest(unittest.TestCase):
             bad.write_text('{"models": [{"title": "no name"}, 3, {"name": "x", "structures": "liver"}]}')
             self.assertEqual([(c.name, c.structures) for c in load_model_cards(bad)], [("x", ())])
             self.assertEqual(load_model_cards(Path(temp) / "missing.json"), [])
-        html = ModelCard(name="m", title="M <1>", license="MIT").html(installed=False)
+        html = model_card_html(ModelEntry(name="m", title="M <1>", kind="bundled", license="MIT", intended_use=""),
+                               installed=False)
         self.assertIn("M &lt;1&gt;", html)
         self.assertIn("Research use, not for diagnosis.", html)
         self.assertIn("Not installed", html)
