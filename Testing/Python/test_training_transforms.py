@@ -17,7 +17,7 @@ from MoMESegmentationLib.training.datasets import (  # noqa: E402
     split_laterality,
 )
 from MoMESegmentationLib.training.losses import PartialLabelLoss  # noqa: E402
-from MoMESegmentationLib.training.trainer import learning_rate  # noqa: E402
+from MoMESegmentationLib.training.trainer import learning_rate, preprocessing_changes  # noqa: E402
 from MoMESegmentationLib.training.transforms import (  # noqa: E402
     RandLateralityFlipd,
     augment_transforms,
@@ -193,3 +193,15 @@ def test_sources_cache_fully_preprocessed_cases(monkeypatch):
             item = source.case(index)
             assert np.allclose(item["image"].pixdim.numpy(), 6.0)
             assert item["label"].shape == item["image"].shape
+
+
+def test_finetuning_warns_about_changed_preprocessing():
+    trained = {"spacing": [3.0, 3.0, 3.0], "patch_size": [96, 96, 96], "intensity": {"window": [-175.0, 250.0]}}
+    same = TransformConfig(spacing=[3, 3, 3], patch_size=[96, 96, 96], window=[-175, 250])
+    assert preprocessing_changes(trained, same) == []
+    assert preprocessing_changes({}, same) == []
+    changed = TransformConfig(spacing=[1.5, 1.5, 1.5], patch_size=[64, 64, 64], window=[-1000, 1000])
+    warnings = preprocessing_changes(trained, changed)
+    assert len(warnings) == 3
+    assert "patch size [96, 96, 96]" in warnings[0] and "[64, 64, 64]" in warnings[0]
+    assert "spacing" in warnings[1] and "HU window" in warnings[2]
