@@ -396,7 +396,8 @@ class Trainer:
             ax_loss.plot([r["step"] for r in train], [r["bce"] for r in train], label="bce", alpha=0.7)
         ax_loss.set_xlabel("step")
         ax_loss.set_title("training loss")
-        ax_loss.legend()
+        if train:
+            ax_loss.legend()
         if val:
             steps = [r["step"] for r in val]
             ax_dice.plot(steps, [r["val_mean_dice"] for r in val], "k-o", label="mean")
