@@ -526,7 +526,11 @@ class Segmenter:
             warnings.append(warning)
         report(0.0, "preprocessing", "preparing the volume")
         box = _roi_box(volume, roi) if roi is not None else tuple(slice(0, n) for n in volume.shape)
-        sub = _crop(volume, box)
+        # The network needs a whole window of real anatomy around a small ROI: the global feature that
+        # conditions its heads is pooled over the window, and zero padding instead of context makes it
+        # miss organs. Segment the ROI with its surroundings, keep only the voxels inside it.
+        context = _context_box(volume, box, self.window_extent_mm(fast)) if roi is not None else box
+        sub = _crop(volume, context)
         prep = self.preprocess(sub, fast=fast)
         timings["preprocess"] = time.perf_counter() - start
 
@@ -544,11 +548,12 @@ class Segmenter:
         structures, masks, probs = [], [], []
         best = torch.zeros(volume.shape, dtype=torch.float32, device=post)
         labelmap = torch.zeros(volume.shape, dtype=torch.int32, device=post)
+        inner = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, context))
         for index, plan in enumerate(plans):
             if cancel is not None:
                 cancel.raise_if_cancelled()
             full = torch.zeros(volume.shape, dtype=torch.float32, device=post)
-            full[box] = self._to_input_grid(logits[index], prep, sub.shape)
+            full[box] = self._to_input_grid(logits[index], prep, sub.shape)[inner]
             mask = full >= self.threshold
             if largest_component and bool(mask.any()):
                 mask = torch.from_numpy(_largest_component(mask.cpu().numpy())).to(post)
@@ -579,6 +584,11 @@ class Segmenter:
         return SegmentationResult(reference=volume, structures=structures, masks=masks,
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
                                   warnings=warnings, model=self.model_info(), timings=timings)
+
+    def window_extent_mm(self, fast: bool = False) -> float:
+        """The longest side of one sliding window in millimetres."""
+        factor = 1.5 if fast else 1.0
+        return float(max(p * s * factor for p, s in zip(self.patch_size, self.spacing)))
 
     def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> torch.Tensor:
         """One structure's logits on the model grid -> probabilities on the (ROI-cropped) input grid.
@@ -638,6 +648,16 @@ def _roi_box(volume: Volume, roi) -> tuple[slice, slice, slice]:
     if np.any(stop - start < 2):
         raise InputError(f"ROI {corners.tolist()} does not overlap {volume.name or 'the volume'}")
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+
+
+def _context_box(volume: Volume, box: tuple[slice, slice, slice], extent_mm: float) -> tuple[slice, slice, slice]:
+    """``box`` grown (centred, clipped to the volume) to at least ``extent_mm`` along every axis."""
+    out = []
+    for s, n, spacing in zip(box, volume.shape, volume.spacing):
+        size = max(s.stop - s.start, min(n, int(math.ceil(extent_mm / float(spacing)))))
+        start = min(max(0, (s.start + s.stop - size) // 2), n - size)
+        out.append(slice(start, start + size))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:

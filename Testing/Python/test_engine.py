@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from engine_fixtures import TINY_STRUCTURES, make_ct, make_tiny_checkpoint, random_rotation
@@ -94,6 +96,20 @@ def test_roi_limits_the_output(segmenter):
     assert result.probabilities[0][outside].max() == 0.0
 
 
+def test_small_roi_is_segmented_with_its_surroundings(segmenter):
+    """An ROI smaller than a window sees the anatomy around it, not zero padding: here the whole
+    volume fits in one window, so inside the ROI the result equals the whole-volume result."""
+    volume = make_ct()
+    assert max(np.asarray(volume.shape) * volume.spacing) < segmenter.window_extent_mm()
+    roi = [volume.index_to_physical([5, 8, 3]), volume.index_to_physical([17, 20, 12])]
+    inside = (slice(5, 18), slice(8, 21), slice(3, 13))
+    cropped = segmenter.segment(volume, "liver, spleen", roi=roi, probabilities=True)
+    whole = segmenter.segment(volume, "liver, spleen", probabilities=True)
+    for part, full in zip(cropped.probabilities, whole.probabilities):
+        np.testing.assert_allclose(part[inside], full[inside], atol=1e-5)
+        assert part.sum() == pytest.approx(part[inside].sum())
+
+
 def test_group_prompt_expands_and_names_structures(segmenter):
     result = segmenter.segment(make_ct(), "kidneys")
     assert [s.id for s in result.structures] == ["kidney_left", "kidney_right"]
@@ -148,3 +164,25 @@ def test_structures_known_to_the_model(segmenter):
     assert segmenter.structures == TINY_STRUCTURES
     assert not segmenter.free_text
     assert torch.is_tensor(segmenter.structure_embeddings)
+
+
+@given(
+    shape=st.tuples(*[st.integers(2, 120)] * 3),
+    spacing=st.tuples(*[st.floats(0.5, 6.0)] * 3),
+    corners=st.tuples(*[st.tuples(st.floats(0, 1), st.floats(0, 1))] * 3),
+    extent=st.floats(10.0, 400.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_context_box_holds_the_roi_and_a_window(shape, spacing, corners, extent):
+    from MoMESegmentationLib.engine import _context_box
+    from MoMESegmentationLib.io.volume import Volume
+
+    volume = Volume(np.zeros(shape, np.float32), spacing=spacing)
+    box = []
+    for n, (a, b) in zip(shape, corners):
+        lo, hi = sorted((int(a * (n - 2)), int(b * (n - 2))))
+        box.append(slice(lo, max(hi, lo + 2)))
+    context = _context_box(volume, tuple(box), extent)
+    for c, b, n, s in zip(context, box, shape, spacing):
+        assert 0 <= c.start <= b.start and b.stop <= c.stop <= n
+        assert c.stop - c.start >= min(n, np.ceil(extent / s))
