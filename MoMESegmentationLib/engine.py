@@ -55,6 +55,11 @@ ProgressCallback = Callable[[float, str, str], None]
 #: Logit given to voxels outside the processed region (sigmoid ~ 2e-9).
 _OUTSIDE_LOGIT = -20.0
 
+#: Fast mode's spacing, relative to the model's. It must stay inside the zoom range the recipes train
+#: with (+-20 %): on the bundled CT the demo weights take 13 s instead of 48 s on 2 CPU cores at 1.2x
+#: with the same mean Dice (0.83), while 1.5x (6 s) loses the left kidney (Dice 0.01).
+FAST_SPACING_FACTOR = 1.2
+
 
 class CancelToken:
     """Set from any thread; the engine checks it between sliding windows."""
@@ -385,7 +390,7 @@ class Segmenter:
         from .io.geometry import canonicalize, resample_to_spacing
 
         canonical, canonical_record = canonicalize(volume, "RAS")
-        spacing = tuple(s * 1.5 for s in self.spacing) if fast else self.spacing
+        spacing = tuple(s * FAST_SPACING_FACTOR for s in self.spacing) if fast else self.spacing
         resampled, resample_record = resample_to_spacing(
             canonical.with_array(canonical.array.astype(np.float32, copy=False)), spacing, mode="linear")
         hu = np.asarray(resampled.array, dtype=np.float32)
@@ -508,7 +513,7 @@ class Segmenter:
                 inside are segmented (the rest of the output is empty).
             probabilities: also return per-structure probability maps (float32).
             largest_component: keep only the largest connected component of each structure.
-            fast: coarser spacing (1.5x the model's) for quicker CPU runs.
+            fast: coarser spacing (:data:`FAST_SPACING_FACTOR` times the model's) for quicker CPU runs.
             min_volume_ml, min_confidence: a mask smaller than this, or whose mean probability is
                 below this, is reported as not found.
             progress: ``progress(fraction, stage, message)`` callback.
@@ -587,7 +592,7 @@ class Segmenter:
 
     def window_extent_mm(self, fast: bool = False) -> float:
         """The longest side of one sliding window in millimetres."""
-        factor = 1.5 if fast else 1.0
+        factor = FAST_SPACING_FACTOR if fast else 1.0
         return float(max(p * s * factor for p, s in zip(self.patch_size, self.spacing)))
 
     def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> torch.Tensor:

@@ -112,7 +112,7 @@ class TransformConfig:
     neg: float = 1.0
     augment: bool = True
     rotate_deg: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0])  # about x (L-R), y (P-A), z (I-S)
-    scale_range: float = 0.15  # relative zoom (spacing jitter)
+    scale_range: float = 0.2  # relative zoom (spacing jitter); covers the engine's fast mode (1.2x)
     prob_affine: float = 0.5
     prob_intensity: float = 0.5  # intensity shift/scale and contrast-phase-like histogram shift
     prob_noise: float = 0.2

@@ -186,3 +186,15 @@ def test_context_box_holds_the_roi_and_a_window(shape, spacing, corners, extent)
     for c, b, n, s in zip(context, box, shape, spacing):
         assert 0 <= c.start <= b.start and b.stop <= c.stop <= n
         assert c.stop - c.start >= min(n, np.ceil(extent / s))
+
+
+def test_fast_mode_resamples_within_the_training_zoom_range(segmenter):
+    from MoMESegmentationLib.engine import FAST_SPACING_FACTOR
+
+    assert 1.0 < FAST_SPACING_FACTOR <= 1.2  # the recipes' zoom augmentation reaches +-20 %
+    volume = make_ct(shape=(60, 60, 60), spacing=(2.0, 2.0, 2.0))
+    normal = segmenter.preprocess(volume).resampled_shape
+    fast = segmenter.preprocess(volume, fast=True).resampled_shape
+    np.testing.assert_allclose(np.asarray(normal) / np.asarray(fast), FAST_SPACING_FACTOR, rtol=0.05)
+    result = segmenter.segment(volume, "liver", fast=True)
+    assert result.labelmap.shape == volume.shape
