@@ -29,16 +29,8 @@ from MoMESegmentationLib.importers.legacy_swin import (
     use_legacy_patch_merging,
 )
 from MoMESegmentationLib.importers.universal_model import load_tensor_table
+from public_model_facts import UNIVERSAL_MODEL_CLASSES
 
-# The Universal Model's 32 classes in output order (ORGAN_NAME in the public utils/utils.py), as our ids.
-UM_CLASSES = [
-    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
-    "adrenal_gland_left", "duodenum", "hepatic_vessel", "lung_right", "lung_left", "colon", "intestine",
-    "rectum", "urinary_bladder", "prostate", "head_of_femur_left", "head_of_femur_right", "celiac_trunk",
-    "kidney_tumor", "liver_tumor", "pancreas_tumor", "hepatic_vessel_tumor", "lung_tumor", "colon_tumor",
-    "kidney_cyst",
-]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- independent references
@@ -237,7 +229,7 @@ def test_use_legacy_patch_merging_swaps_every_stage_and_keeps_weights():
 def test_import_records_structures_preprocessing_and_provenance(imported):
     source, output = imported
     meta = json.loads(output.with_suffix(".json").read_text())
-    assert meta["structures"] == UM_CLASSES
+    assert meta["structures"] == UNIVERSAL_MODEL_CLASSES
     assert meta["accepts_free_text"] is False and meta["text_encoder"] is None
     assert meta["architecture"]["variant"] == "universal-model"
     assert meta["architecture"]["patch_merging"] == LEGACY_MERGING
@@ -289,7 +281,7 @@ def test_engine_maps_prompts_to_universal_model_classes(imported, public_state):
     plans = segmenter.plan_prompts("liver, left kidney, IVC, liver tumour")
     assert [p.structure_id for p in plans] == ["liver", "kidney_left", "inferior_vena_cava", "liver_tumor"]
     for plan in plans:
-        row = UM_CLASSES.index(plan.structure_id)
+        row = UNIVERSAL_MODEL_CLASSES.index(plan.structure_id)
         torch.testing.assert_close(plan.embedding, public_state["organ_embedding"][row])
     with pytest.raises(PromptError, match="nearest"):
         segmenter.plan_prompts("L3 vertebra")
@@ -304,7 +296,7 @@ def test_installed_models_lists_the_import(imported):
     source, output = imported
     models = {m.name: m for m in installed_models(store=output.parent.parent)}
     entry = models["universal-model"]
-    assert entry.path == output and entry.structures == tuple(UM_CLASSES) and not entry.accepts_free_text
+    assert entry.path == output and entry.structures == tuple(UNIVERSAL_MODEL_CLASSES) and not entry.accepts_free_text
     assert entry.license.startswith("CC BY-NC-ND 4.0")
     assert entry.source_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
 

@@ -18,6 +18,7 @@ from MoMESegmentationLib.vocabulary import (
     parse_prompts,
     terminology_entry,
 )
+from public_model_facts import UNIVERSAL_MODEL_CLASSES
 
 # TotalSegmentator v2 'total' classes in label order (1..117).
 TOTALSEGMENTATOR_TOTAL = (
@@ -43,15 +44,6 @@ TOTALSEGMENTATOR_TOTAL = (
     + " sternum costal_cartilages"
 ).split()
 
-# The CLIP-Driven Universal Model's 32 output channels, in order.
-UNIVERSAL_MODEL = [
-    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach", "aorta",
-    "inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
-    "adrenal_gland_left", "duodenum", "hepatic_vessel", "lung_right", "lung_left", "colon", "intestine",
-    "rectum", "urinary_bladder", "prostate", "head_of_femur_left", "head_of_femur_right", "celiac_trunk",
-    "kidney_tumor", "liver_tumor", "pancreas_tumor", "hepatic_vessel_tumor", "lung_tumor", "colon_tumor",
-    "kidney_cyst",
-]
 
 LEFT = {"scheme": "SCT", "code": "7771000", "meaning": "Left"}
 RIGHT = {"scheme": "SCT", "code": "24028007", "meaning": "Right"}
@@ -209,7 +201,7 @@ def test_all_totalsegmentator_classes_present(vocab):
 
 def test_universal_model_classes(vocab):
     classes = vocab.universal_model_classes()
-    assert [s.id for s in classes] == UNIVERSAL_MODEL
+    assert [s.id for s in classes] == UNIVERSAL_MODEL_CLASSES
     assert [s.universal_model_index for s in classes] == list(range(32))
     assert vocab["liver"].universal_model_index == 5
     assert vocab["femur_left"].universal_model_index is None
@@ -304,7 +296,7 @@ def test_resolve_allowed(vocab):
         vocab.resolve(["liver tumor"], allowed=allowed)
     with pytest.raises(PromptError, match=r"'bannana'.*nearest it has"):
         vocab.resolve(["bannana"], allowed=allowed)
-    um = set(UNIVERSAL_MODEL)
+    um = set(UNIVERSAL_MODEL_CLASSES)
     assert ids(vocab.resolve(["kidneys"], allowed=um)) == ["kidney_left", "kidney_right"]
     # a group keeps the members the model has
     assert ids(vocab.resolve(["lumbar spine"], allowed={"vertebrae_L1", "liver"})) == ["vertebrae_L1"]

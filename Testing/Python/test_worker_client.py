@@ -193,6 +193,15 @@ class WorkflowTest(unittest.TestCase):
         self.workflows.append(workflow)
         return workflow
 
+    def start_and_wait_for_progress(self, workflow: SegmentationWorkflow):
+        """Start a liver job and return it once the worker has reported progress."""
+        job = workflow.start(self.volume, "liver")
+        deadline = time.monotonic() + 20
+        while not self.progress and time.monotonic() < deadline:
+            workflow.process_events()
+            time.sleep(0.02)
+        return job
+
     def job_folders(self) -> list[Path]:
         folder = self.root / "jobs"
         return sorted(folder.iterdir()) if folder.exists() else []
@@ -244,11 +253,7 @@ class WorkflowTest(unittest.TestCase):
     def test_cancel_is_immediate_and_leaves_scene_unchanged(self):
         workflow = self.workflow(steps=200, step_time=0.05)
         before = self.scene.snapshot()
-        job = workflow.start(self.volume, "liver")
-        deadline = time.monotonic() + 20
-        while not self.progress and time.monotonic() < deadline:
-            workflow.process_events()
-            time.sleep(0.02)
+        job = self.start_and_wait_for_progress(workflow)
         pid = workflow.client.pid
         start = time.monotonic()
         self.assertTrue(workflow.cancel(), "the worker honours cancel")
@@ -264,11 +269,7 @@ class WorkflowTest(unittest.TestCase):
     def test_cancel_kills_a_stuck_worker_and_restarts_it(self):
         workflow = self.workflow(mode="ignore-cancel", steps=400, step_time=0.05)
         before = self.scene.snapshot()
-        job = workflow.start(self.volume, "liver")
-        deadline = time.monotonic() + 20
-        while not self.progress and time.monotonic() < deadline:
-            workflow.process_events()
-            time.sleep(0.02)
+        job = self.start_and_wait_for_progress(workflow)
         pid = workflow.client.pid
         start = time.monotonic()
         self.assertFalse(workflow.cancel(), "a stuck worker must be killed")
