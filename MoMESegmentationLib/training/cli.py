@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", metavar="N", type=int, default=None,
                         help="stop after N steps; the learning-rate schedule still follows schedule.max_steps")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--validate", metavar="CHECKPOINT", default=None,
+                        help="no training: score CHECKPOINT on the config's held-out data (Dice per structure) "
+                             "and write OUTPUT/validation.json")
     parser.set_defaults(handler=cmd_train)
     return parser
 
@@ -43,6 +46,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .trainer import dry_run
 
         print(dry_run(config))
+        return 0
+    if args.validate:
+        from .trainer import Trainer
+
+        result = Trainer(config, output_dir=args.output, device=args.device).evaluate(args.validate)
+        for name, dice in result["val_dice"].items():
+            print(f"{name:32s} {dice:.3f}")
+        mean = result["val_mean_dice"]
+        print(f"mean Dice {'n/a' if mean is None else f'{mean:.3f}'} over {len(result['val_dice'])} structures "
+              f"on {len(result['held_out_cases'])} held-out cases")
         return 0
     if args.max_steps is not None and args.max_steps < 0:
         raise MoMEError(f"--max-steps must be >= 0, got {args.max_steps}")

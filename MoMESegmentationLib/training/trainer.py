@@ -99,7 +99,7 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 def preprocessing_changes(trained: dict, transforms: TransformConfig) -> list[str]:
-    """How a fine-tuning config's preprocessing differs from its checkpoint's, one sentence each.
+    """How a config's preprocessing differs from a checkpoint's, one sentence each.
 
     The global image feature that conditions every head is pooled over the whole window, so a
     model trained on 96^3 windows scores far lower on 64^3 windows (demo weights: held-out Dice
@@ -111,11 +111,11 @@ def preprocessing_changes(trained: dict, transforms: TransformConfig) -> list[st
     for key, what, new in checks:
         old = trained.get(key)
         if old is not None and [type(v)(o) for o, v in zip(old, new)] != new:
-            changes.append(f"trained with {what} {list(old)}, fine-tuned with {new}: expect the old structures' "
-                           "Dice to drop until the model re-adapts")
+            changes.append(f"trained with {what} {list(old)}, this config uses {new}: expect lower Dice "
+                           "(until fine-tuning re-adapts the model)")
     old_window = (trained.get("intensity") or {}).get("window")
     if old_window is not None and [float(w) for w in old_window] != [float(w) for w in transforms.window]:
-        changes.append(f"trained with HU window {list(old_window)}, fine-tuned with {list(transforms.window)}")
+        changes.append(f"trained with HU window {list(old_window)}, this config uses {list(transforms.window)}")
     return changes
 
 
@@ -548,6 +548,37 @@ class Trainer:
         self.model = model
         return TrainResult(self.output_dir, step, final, last_val.get("val_dice", {}), last_val.get("val_mean_dice"),
                            history)
+
+    def evaluate(self, checkpoint: str | os.PathLike) -> dict[str, Any]:
+        """Score a checkpoint on this config's held-out data, exactly as validation during training does.
+
+        Structures are the config's ones that the checkpoint knows. Writes ``validation.json`` in the
+        run folder and returns ``{"checkpoint", "structures", "val_dice", "val_mean_dice", ...}``.
+        """
+        from ..checkpoint import load_checkpoint
+
+        cfg = self.config
+        loaded = load_checkpoint(checkpoint, device="cpu")
+        known = set(loaded.meta.get("structures") or [])
+        structures = [s for s in discover_structures(cfg) if s in known]
+        if not structures:
+            raise MoMEError(f"{checkpoint}: knows none of the structures of {cfg.source or 'the config'}")
+        for warning in preprocessing_changes(loaded.meta.get("preprocessing") or {}, cfg.transforms):
+            logger.warning("%s: %s", checkpoint, warning)
+        prompts = self._prompts(structures)
+        self._rows = prompts.rows_for(structures)
+        model = loaded.model.float().to(self.device)
+        source_set = build_sources(cfg, structures, load=False)
+        items = build_validation_items(cfg, structures, source_set.held_out)
+        if not items:
+            raise MoMEError(f"{cfg.source or 'config'}: no held-out data (data.validation)")
+        result = {"checkpoint": str(checkpoint), "config": cfg.source, "structures": structures,
+                  "held_out_cases": [str(item.get("case_id", "")) for item in items],
+                  **self.validate(model, items, prompts)}
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "validation.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        return result
 
     def _prompts(self, structures: list[str]) -> PromptTable:
         # Only rank 0 may write the cache; the others wait and read it.

@@ -91,6 +91,24 @@ def test_checkpoint_loads_for_inference(trained):
     assert logits.shape == (1, 2, 64, 64, 64)
 
 
+def test_validate_scores_a_checkpoint_like_training_did(trained, tmp_path):
+    """``mome train CONFIG --validate CKPT`` reproduces the validation Dice logged at the last step."""
+    out, _, _ = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "MoMESegmentationLib.training", "train", str(out / "config_in.json"), "--device", "cpu",
+         "--validate", str(out / "model.safetensors"), "--output", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "validation.json").read_text())
+    logged = json.loads((out / "model.json").read_text())["metrics"]
+    assert result["structures"] == STRUCTURES and len(result["held_out_cases"]) == 2
+    for name, dice in logged["val_dice"].items():
+        assert result["val_dice"][name] == pytest.approx(dice, abs=1e-4), name
+    assert "mean Dice" in proc.stdout
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_resume_is_bit_identical(tmp_path, cache):
     sections = {"schedule": {"max_steps": 4, "checkpoint_every": 2, "val_every": 0, "warmup_steps": 1},
                 "data": {"validation": {"phantoms": 0}}, "logging": {"plot": False, "progress": False}}
