@@ -390,7 +390,7 @@ class Segmenter:
         from .io.geometry import canonicalize, resample_to_spacing
 
         canonical, canonical_record = canonicalize(volume, "RAS")
-        spacing = tuple(s * FAST_SPACING_FACTOR for s in self.spacing) if fast else self.spacing
+        spacing = self.grid_spacing(fast)
         resampled, resample_record = resample_to_spacing(
             canonical.with_array(canonical.array.astype(np.float32, copy=False)), spacing, mode="linear")
         hu = np.asarray(resampled.array, dtype=np.float32)
@@ -590,10 +590,13 @@ class Segmenter:
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
                                   warnings=warnings, model=self.model_info(), timings=timings)
 
+    def grid_spacing(self, fast: bool = False) -> tuple[float, ...]:
+        """The spacing the network runs at: the model's, or :data:`FAST_SPACING_FACTOR` times it."""
+        return tuple(s * FAST_SPACING_FACTOR for s in self.spacing) if fast else self.spacing
+
     def window_extent_mm(self, fast: bool = False) -> float:
         """The longest side of one sliding window in millimetres."""
-        factor = FAST_SPACING_FACTOR if fast else 1.0
-        return float(max(p * s * factor for p, s in zip(self.patch_size, self.spacing)))
+        return float(max(p * s for p, s in zip(self.patch_size, self.grid_spacing(fast))))
 
     def _to_input_grid(self, logits: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...]) -> torch.Tensor:
         """One structure's logits on the model grid -> probabilities on the (ROI-cropped) input grid.

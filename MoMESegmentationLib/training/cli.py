@@ -47,9 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(dry_run(config))
         return 0
-    if args.validate:
-        from .trainer import Trainer
+    from .trainer import Trainer
 
+    if args.validate:
         result = Trainer(config, output_dir=args.output, device=args.device).evaluate(args.validate)
         for name, dice in result["val_dice"].items():
             print(f"{name:32s} {dice:.3f}")
@@ -59,8 +59,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.max_steps is not None and args.max_steps < 0:
         raise MoMEError(f"--max-steps must be >= 0, got {args.max_steps}")
-    from .trainer import Trainer
-
     trainer = Trainer(config, output_dir=args.output, device=args.device, stop_step=args.max_steps,
                       resume=args.resume, init_backbone=args.init_backbone)
     try:

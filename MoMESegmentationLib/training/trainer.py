@@ -106,16 +106,13 @@ def preprocessing_changes(trained: dict, transforms: TransformConfig) -> list[st
     0.77 -> 0.20 on a phantom); spacing and HU window change what each voxel means.
     """
     changes = []
-    checks = (("patch_size", "patch size", [int(s) for s in transforms.patch_size]),
-              ("spacing", "spacing", [float(s) for s in transforms.spacing]))
-    for key, what, new in checks:
-        old = trained.get(key)
-        if old is not None and [type(v)(o) for o, v in zip(old, new)] != new:
-            changes.append(f"trained with {what} {list(old)}, this config uses {new}: expect lower Dice "
+    checks = (("patch size", trained.get("patch_size"), transforms.patch_size),
+              ("spacing", trained.get("spacing"), transforms.spacing),
+              ("HU window", (trained.get("intensity") or {}).get("window"), transforms.window))
+    for what, old, new in checks:
+        if old is not None and [float(v) for v in old] != [float(v) for v in new]:
+            changes.append(f"trained with {what} {list(old)}, this config uses {list(new)}: expect lower Dice "
                            "(until fine-tuning re-adapts the model)")
-    old_window = (trained.get("intensity") or {}).get("window")
-    if old_window is not None and [float(w) for w in old_window] != [float(w) for w in transforms.window]:
-        changes.append(f"trained with HU window {list(old_window)}, this config uses {list(transforms.window)}")
     return changes
 
 
