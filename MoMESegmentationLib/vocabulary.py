@@ -4,8 +4,10 @@ A *structure* is something a model can segment, identified by the TotalSegmentat
 class name (``liver``, ``kidney_left``, ``vertebrae_L3``) or, for the Universal Model's extra
 classes, a snake_case name (``liver_tumor``, ``head_of_femur_left``). Each carries a display
 name, synonyms and clinical phrasings, SNOMED CT codes in the form 3D Slicer's terminologies use,
-and a recommended colour. A *group* (``kidneys``, ``lumbar vertebrae``) names several structures
-and expands into one prompt per member.
+and a recommended colour, plus the anatomical priors of the plausibility guard
+(:mod:`MoMESegmentationLib.anatomy`): the body regions it lies in and a plausible adult volume.
+A *group* (``kidneys``, ``lumbar vertebrae``) names several structures and expands into one
+prompt per member.
 
 Prompt text is matched after normalisation (see :func:`normalize`): case, spacing, punctuation,
 underscores, word order, plurals, British spellings, ordinals and the side abbreviations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +34,7 @@ from pathlib import Path
 from .errors import MoMEError, PromptError
 
 __all__ = [
+    "BODY_REGIONS",
     "PROMPT_TEMPLATE",
     "Structure",
     "Group",
@@ -46,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: Sentence the text encoder embeds for a structure (the Universal Model's prompt).
 PROMPT_TEMPLATE = "A computerized tomography of a {}."
+
+#: Body regions from head to feet, the vocabulary of :attr:`Structure.regions`.
+BODY_REGIONS = ("head", "neck", "chest", "abdomen", "pelvis", "legs")
 
 #: ``similarity(prompt) -> (nearest structure id, similarity in [-1, 1])``.
 SimilarityFn = Callable[[str], "tuple[str, float]"]
@@ -210,6 +217,10 @@ class Structure:
         totalsegmentator_label: label value in TotalSegmentator's 'total' task (1-117), or None.
         parts: structures that together make up this one (``lung_left`` = its two lobes); a
             model that lacks this structure but has all its parts segments the parts instead.
+        regions: the body regions (:data:`BODY_REGIONS`, head to feet) whose axial slices the
+            structure occupies in an adult, generously; empty when unknown.
+        volume_ml: a plausible adult volume range in millilitres ``(low, high)``, generous at the
+            top so that disease fits, or None where no range means anything (tumours).
     """
 
     id: str
@@ -220,6 +231,8 @@ class Structure:
     universal_model_index: int | None = None
     totalsegmentator_label: int | None = None
     parts: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    volume_ml: tuple[float, float] | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -642,6 +655,18 @@ def _structure_from_json(entry: dict) -> Structure:
         raise ValueError(f"structure {sid!r}: terminology needs a category and a type")
     um_index = entry.get("universal_model_index")
     ts_label = entry.get("totalsegmentator_label")
+    regions = tuple(str(r) for r in entry.get("regions", ()))
+    unknown = [r for r in regions if r not in BODY_REGIONS]
+    if unknown or len(set(regions)) != len(regions):
+        raise ValueError(
+            f"structure {sid!r}: regions {list(regions)} must be distinct names from {list(BODY_REGIONS)}"
+        )
+    regions = tuple(r for r in BODY_REGIONS if r in regions)
+    volume = entry.get("volume_ml")
+    if volume is not None:
+        volume = tuple(float(v) for v in volume)
+        if len(volume) != 2 or not all(math.isfinite(v) and v >= 0 for v in volume) or volume[0] > volume[1]:
+            raise ValueError(f"structure {sid!r}: volume_ml {entry['volume_ml']} is not a range [low, high]")
     return Structure(
         id=sid,
         name=str(entry["name"]),
@@ -651,6 +676,8 @@ def _structure_from_json(entry: dict) -> Structure:
         universal_model_index=None if um_index is None else int(um_index),
         totalsegmentator_label=None if ts_label is None else int(ts_label),
         parts=tuple(str(p) for p in entry.get("parts", ())),
+        regions=regions,
+        volume_ml=volume,  # type: ignore[arg-type]
     )
 
 

@@ -20,6 +20,8 @@ Sources (public facts, transcribed into the tables below):
   class (artery, vein, cartilage, mass).
 * Universal Model classes (CLIP-Driven Universal Model, 32 classes) in the order of its
   output channels; ``universal_model_index`` is that channel.
+* Anatomical priors of the plausibility guard (``regions``, ``volume_ml``): general adult anatomy,
+  written down generously; see the comment above ``STRUCTURE_REGIONS``.
 """
 
 from __future__ import annotations
@@ -430,6 +432,190 @@ GROUPS = [
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# Anatomical priors for the plausibility guard (MoMESegmentationLib.anatomy)
+# --------------------------------------------------------------------------------------------
+#
+# ``regions``: the body regions (head, neck, chest, abdomen, pelvis, legs) whose axial slices an
+# adult's structure occupies. The regions are the ones the guard reads off a CT: the chest is the
+# slices that contain aerated lung, so organs under the diaphragm domes (liver, spleen, stomach,
+# adrenals, kidneys' upper poles) also lie in "chest" slices; the abdomen runs from the lung bases
+# to the iliac crests; the pelvis from the iliac crests to the ischial tuberosities; the legs below.
+# The lists are deliberately wide (normal variants and common disease: ptotic, pelvic and
+# transplanted kidneys, a dilated stomach, arms down along the trunk); the guard only catches
+# gross errors such as a liver in a head CT.
+#
+# ``volume_ml``: a plausible adult range in millilitres, generous at the top so that disease fits
+# (hepatomegaly, splenomegaly, polycystic kidneys, urinary retention, aneurysms, goitre). The guard
+# uses only the upper bound, and only when a mask exceeds it by half again: a field of view that
+# cuts an organ makes its mask small for good reasons. Typical values are from CT volumetry
+# (e.g. a mean standard liver volume of about 1.5 L: Heinemann et al., Liver Transpl Surg 1999);
+# the bounds themselves are rounded, deliberately loose estimates. None where no range means
+# anything (tumours, cysts, vessels in a liver, bowel).
+UPPER_ABDOMEN = ("chest", "abdomen")
+WHOLE_ABDOMEN = ("chest", "abdomen", "pelvis")
+LOWER_ABDOMEN = ("abdomen", "pelvis")
+
+STRUCTURE_REGIONS = {
+    "spleen": UPPER_ABDOMEN,
+    "kidney": WHOLE_ABDOMEN,
+    "gallbladder": UPPER_ABDOMEN,
+    "liver": UPPER_ABDOMEN,
+    "stomach": UPPER_ABDOMEN,
+    "pancreas": UPPER_ABDOMEN,
+    "adrenal_gland": UPPER_ABDOMEN,
+    "lung_upper_lobe": ("chest",),
+    "lung_lower_lobe": ("chest",),
+    "lung_middle_lobe_right": ("chest",),
+    "esophagus": ("neck", "chest", "abdomen"),
+    "trachea": ("neck", "chest"),
+    "thyroid_gland": ("neck", "chest"),
+    "small_bowel": LOWER_ABDOMEN,
+    "duodenum": UPPER_ABDOMEN,
+    "colon": WHOLE_ABDOMEN,
+    "urinary_bladder": ("pelvis",),
+    "prostate": ("pelvis",),
+    "kidney_cyst": WHOLE_ABDOMEN,
+    "sacrum": ("pelvis",),
+    "heart": ("chest",),
+    "aorta": ("chest", "abdomen"),
+    "pulmonary_vein": ("chest",),
+    "brachiocephalic_trunk": ("neck", "chest"),
+    "subclavian_artery": ("neck", "chest"),
+    "common_carotid_artery": ("neck", "chest"),
+    "brachiocephalic_vein": ("neck", "chest"),
+    "atrial_appendage_left": ("chest",),
+    "superior_vena_cava": ("chest",),
+    "inferior_vena_cava": WHOLE_ABDOMEN,
+    "portal_vein_and_splenic_vein": UPPER_ABDOMEN,
+    "iliac_artery": LOWER_ABDOMEN,
+    "iliac_vena": LOWER_ABDOMEN,
+    "humerus": ("head", "neck", "chest", "abdomen"),  # arms up beside the head or down along the trunk
+    "scapula": ("neck", "chest"),
+    "clavicula": ("neck", "chest"),
+    "femur": ("pelvis", "legs"),
+    "hip": ("pelvis",),
+    "spinal_cord": ("head", "neck", "chest", "abdomen", "pelvis"),  # with the dural sac below the conus
+    "gluteus_maximus": ("pelvis", "legs"),
+    "gluteus_medius": ("pelvis",),
+    "gluteus_minimus": ("pelvis",),
+    "autochthon": ("neck", "chest", "abdomen", "pelvis"),
+    "iliopsoas": ("abdomen", "pelvis", "legs"),
+    "brain": ("head",),
+    "skull": ("head",),
+    "sternum": ("chest",),
+    "costal_cartilages": UPPER_ABDOMEN,
+    # Universal Model classes that TotalSegmentator lacks.
+    "hepatic_vessel": UPPER_ABDOMEN,
+    "lung": ("chest",),
+    "intestine": WHOLE_ABDOMEN,
+    "rectum": ("pelvis",),
+    "head_of_femur": ("pelvis",),
+    "celiac_trunk": UPPER_ABDOMEN,
+    "kidney_tumor": WHOLE_ABDOMEN,
+    "liver_tumor": UPPER_ABDOMEN,
+    "pancreas_tumor": UPPER_ABDOMEN,
+    "hepatic_vessel_tumor": UPPER_ABDOMEN,
+    "lung_tumor": ("chest",),
+    "colon_tumor": WHOLE_ABDOMEN,
+}
+
+VERTEBRA_REGIONS = {
+    **{f"C{i}": ("head", "neck") for i in (1, 2)},
+    **{f"C{i}": ("neck",) for i in range(3, 7)},
+    "C7": ("neck", "chest"),
+    "T1": ("neck", "chest"),
+    **{f"T{i}": ("chest",) for i in range(2, 10)},
+    **{f"T{i}": UPPER_ABDOMEN for i in (10, 11, 12)},
+    "L1": UPPER_ABDOMEN,
+    "L2": ("abdomen",),
+    "L3": ("abdomen",),
+    "L4": LOWER_ABDOMEN,
+    "L5": LOWER_ABDOMEN,
+    "S1": ("pelvis",),
+}
+
+
+def _rib_regions(number: int) -> tuple[str, ...]:
+    """First ribs reach above the lung apices; the lower ribs' anterior ends reach below the lung bases."""
+    if number <= 2:
+        return ("neck", "chest")
+    return ("chest",) if number <= 6 else UPPER_ABDOMEN
+
+
+# Plausible adult volume in mL (see above); the guard flags a mask above 1.5 x the upper bound.
+STRUCTURE_VOLUME_ML = {
+    "spleen": (50, 2000),
+    "kidney": (60, 1500),
+    "gallbladder": (0, 250),
+    "liver": (700, 4000),
+    "stomach": (0, 4000),
+    "pancreas": (20, 250),
+    "adrenal_gland": (1, 150),
+    "lung_upper_lobe": (200, 3000),
+    "lung_lower_lobe": (200, 3000),
+    "lung_middle_lobe_right": (50, 1500),
+    "esophagus": (5, 500),
+    "trachea": (10, 200),
+    "thyroid_gland": (3, 500),
+    "small_bowel": (0, 6000),
+    "duodenum": (0, 800),
+    "colon": (0, 6000),
+    "urinary_bladder": (0, 1500),
+    "prostate": (5, 300),
+    "sacrum": (40, 500),
+    "heart": (200, 2000),
+    "aorta": (30, 1000),
+    "pulmonary_vein": (2, 200),
+    "brachiocephalic_trunk": (1, 60),
+    "subclavian_artery": (1, 60),
+    "common_carotid_artery": (1, 50),
+    "brachiocephalic_vein": (1, 80),
+    "atrial_appendage_left": (1, 60),
+    "superior_vena_cava": (3, 120),
+    "inferior_vena_cava": (10, 400),
+    "portal_vein_and_splenic_vein": (5, 300),
+    "iliac_artery": (1, 200),
+    "iliac_vena": (1, 200),
+    "humerus": (50, 500),
+    "scapula": (30, 400),
+    "clavicula": (10, 120),
+    "femur": (150, 1200),
+    "hip": (100, 900),
+    "spinal_cord": (10, 150),
+    "gluteus_maximus": (100, 2500),
+    "gluteus_medius": (50, 1000),
+    "gluteus_minimus": (10, 400),
+    "autochthon": (100, 2500),
+    "iliopsoas": (50, 1500),
+    "brain": (900, 1900),
+    "skull": (200, 1500),
+    "sternum": (10, 200),
+    "costal_cartilages": (10, 500),
+    "lung": (500, 6000),
+    "rectum": (0, 800),
+    "head_of_femur": (20, 200),
+    "celiac_trunk": (0, 20),
+}
+
+VERTEBRA_VOLUME_ML = {"C": (2, 50), "T": (8, 120), "L": (20, 180), "S": (20, 180)}
+RIB_VOLUME_ML = (1, 80)
+
+
+def _priors(sid: str, concept: str | None) -> tuple[list[str], list[float] | None]:
+    """The guard's (regions, volume range) of a structure, by its id or side-free concept."""
+    if sid.startswith("vertebrae_"):
+        level = sid.split("_", 1)[1]
+        return list(VERTEBRA_REGIONS[level]), list(VERTEBRA_VOLUME_ML[level[0]])
+    if sid.startswith("rib_"):
+        return list(_rib_regions(int(sid.rsplit("_", 1)[1]))), list(RIB_VOLUME_ML)
+    for key in (sid, concept):
+        if key in STRUCTURE_REGIONS:
+            volume = STRUCTURE_VOLUME_ML.get(key)
+            return list(STRUCTURE_REGIONS[key]), None if volume is None else list(volume)
+    raise KeyError(f"no anatomical priors for {sid!r}")
+
+
 def _vertebra_synonyms(level: str) -> list[str]:
     region, number = level[0], int(level[1:])
     name = SPINE_REGIONS[region]
@@ -494,6 +680,7 @@ def _structure(sid, name, concept, side, color, terminology, um_index, ts_label,
         synonyms += _vertebra_synonyms(sid.split("_", 1)[1])
     if um_name and um_name.lower() != name.lower():
         synonyms.append(um_name)
+    regions, volume_ml = _priors(sid, concept)
     seen = {name.lower()}
     unique = []
     for synonym in synonyms:
@@ -509,6 +696,8 @@ def _structure(sid, name, concept, side, color, terminology, um_index, ts_label,
         "universal_model_index": um_index,
         "totalsegmentator_label": ts_label,
         "parts": list(parts),
+        "regions": regions,
+        "volume_ml": volume_ml,
     }
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from MoMESegmentationLib.errors import MoMEError, PromptError
 from MoMESegmentationLib.vocabulary import (
+    BODY_REGIONS,
     PROMPT_TEMPLATE,
     Group,
     Structure,
@@ -249,6 +250,54 @@ def test_terminology_entry_format(vocab):
     assert len(fields) == 7
     assert fields[1:4] == ["SCT^123037004^Anatomical Structure", "SCT^64033007^Kidney", "SCT^7771000^Left"]
     assert terminology_entry(vocab["liver_tumor"].terminology).split("~")[5] == "SCT^10200004^Liver"
+
+
+def test_anatomical_priors(vocab):
+    """Every structure names the body regions it lies in; organs with a meaningful size have a volume range."""
+    for structure in vocab:
+        assert structure.regions, structure.id
+        assert set(structure.regions) <= set(BODY_REGIONS), structure.id
+        assert list(structure.regions) == [r for r in BODY_REGIONS if r in structure.regions], structure.id
+        if structure.volume_ml is not None:
+            low, high = structure.volume_ml
+            assert 0 <= low <= high, structure.id
+    assert vocab["liver"].regions == ("chest", "abdomen")
+    assert vocab["urinary_bladder"].regions == ("pelvis",)
+    assert vocab["brain"].regions == ("head",)
+    assert vocab["femur_left"].regions == ("pelvis", "legs")
+    assert vocab["vertebrae_C1"].regions == ("head", "neck")
+    assert vocab["vertebrae_C4"].regions == ("neck",)
+    assert set(vocab["lung_left"].regions) == set(vocab["lung_upper_lobe_left"].regions) == {"chest"}
+    low, high = vocab["liver"].volume_ml
+    assert low <= 1500 <= high < 20000  # a typical adult liver fits; a 20 L one does not
+    assert vocab["liver_tumor"].volume_ml is None
+
+
+@pytest.mark.parametrize(
+    "priors, message",
+    [
+        ({"regions": ["belly"]}, "regions"),
+        ({"regions": ["chest", "chest"]}, "regions"),
+        ({"volume_ml": [10]}, "volume_ml"),
+        ({"volume_ml": [500, 100]}, "volume_ml"),
+        ({"volume_ml": [-1, 100]}, "volume_ml"),
+    ],
+)
+def test_bad_priors_rejected(repo_root, priors, message):
+    document = json.loads((repo_root / "Resources" / "vocabulary.json").read_text())
+    document["structures"] = [dict(s, **priors) for s in document["structures"] if s["id"] == "liver"]
+    document["groups"] = []
+    with pytest.raises(MoMEError, match=message):
+        Vocabulary.from_dict(document)
+
+
+def test_priors_are_optional(repo_root):
+    document = json.loads((repo_root / "Resources" / "vocabulary.json").read_text())
+    entry = next(s for s in document["structures"] if s["id"] == "liver")
+    del entry["regions"], entry["volume_ml"]
+    document["structures"], document["groups"] = [entry], []
+    liver = Vocabulary.from_dict(document)["liver"]
+    assert liver.regions == () and liver.volume_ml is None
 
 
 def test_generator_matches_shipped_file(repo_root):
