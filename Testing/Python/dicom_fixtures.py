@@ -268,7 +268,8 @@ def write_ct_series(
             unevenly spaced stack; default: the regular grid of the volume.
         slope, intercept: RescaleSlope/RescaleIntercept; ``(HU - intercept) / slope`` must be
             whole numbers that fit int16.
-        transfer_syntax: a UID from :data:`TRANSFER_SYNTAXES`.
+        transfer_syntax: a UID from :data:`TRANSFER_SYNTAXES` (JPEG 2000 needs slices of at least
+            32x32 pixels: OpenJPEG's default resolution levels do not fit smaller ones).
         encode_options: passed to pydicom's ``Dataset.compress`` (``jls_error=2``,
             ``j2k_cr=[20]``, ...).
         series_uid: None generates one; ``""`` writes it present but empty; :data:`MISSING` leaves
