@@ -20,7 +20,8 @@ Reading happens in four steps, each a small function below.
      others get ``#2``, ``#3``, ... appended (``1.2.3.4#2``), in order of decreasing slice count.
 
    These ids are what :attr:`DicomSeries.uid` holds and what ``series_uid`` selects; an empty
-   ``series_uid`` (``""``) selects the folder's only series without a UID.
+   ``series_uid`` (``""``) selects the folder's only series without a UID. :func:`series_id_of`
+   gives the id of the series one file belongs to (what reading one file of a folder reads).
 3. **Geometry.** Slices are ordered by their position along the slice normal
    (``ImagePositionPatient`` projected on the cross product of the ``ImageOrientationPatient`` row
    and column cosines), never by file name or instance number. Two slices at the same position are
@@ -73,7 +74,13 @@ import numpy as np
 from ..errors import InputError
 from .volume import Volume
 
-__all__ = ["DicomSeries", "SUPPORTED_TRANSFER_SYNTAXES", "list_dicom_series", "read_dicom_series"]
+__all__ = [
+    "DicomSeries",
+    "SUPPORTED_TRANSFER_SYNTAXES",
+    "list_dicom_series",
+    "read_dicom_series",
+    "series_id_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -433,19 +440,23 @@ def _series_of_group(uid: str, group: _Group) -> list[DicomSeries]:
     return found
 
 
-def _scan(folder: Path) -> tuple[list[DicomSeries], dict[str, list[Path]]]:
-    """The series of ``folder`` and the image files left out, by reason."""
+def _collect(
+    folder: Path, only_id: str | None = None
+) -> tuple[dict[str, _Group], dict[str, list[Path]]]:
+    """The images of ``folder`` by series id (only ``only_id`` if given) and those left out."""
     groups: dict[str, _Group] = {}
     left_out: dict[str, list[Path]] = defaultdict(list)
     for path in _walk_files(folder):
         ds = _read_header(path)
         if ds is None or "Rows" not in ds or "Columns" not in ds:
             continue  # not DICOM, or not an image (structured reports, RT objects, ...)
+        uid = _series_id(ds)
+        if only_id is not None and uid != only_id:
+            continue
         reason = _left_out_reason(ds)
         if reason is not None:
             left_out[reason].append(path)
             continue
-        uid = _series_id(ds)
         group = groups.get(uid)
         if group is None:
             group = groups[uid] = _Group(
@@ -459,6 +470,12 @@ def _scan(folder: Path) -> tuple[list[DicomSeries], dict[str, list[Path]]]:
             else:
                 logger.debug("%s: left out (%s)", path, exc)
                 left_out["image(s) without usable position or orientation"].append(path)
+    return groups, left_out
+
+
+def _scan(folder: Path) -> tuple[list[DicomSeries], dict[str, list[Path]]]:
+    """The series of ``folder`` and the image files left out, by reason."""
+    groups, left_out = _collect(folder)
     for reason, paths in left_out.items():
         logger.warning(
             "%s: left out %d %s, e.g. %s", folder, len(paths), reason, paths[0].relative_to(folder)
@@ -476,6 +493,38 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         are entries with :attr:`DicomSeries.problem` set.
     """
     return _scan(Path(folder))[0]
+
+
+def series_id_of(folder: str | os.PathLike, file: str | os.PathLike) -> str:
+    """The id (:attr:`DicomSeries.uid`) of the series of ``folder`` that ``file`` belongs to.
+
+    ``file`` is grouped as :func:`list_dicom_series` groups it: ``nouid-<hash>`` when its
+    SeriesInstanceUID is missing or empty, ``UID#2`` when it lies in a smaller part of a split
+    series. The folder's headers are read as for :func:`list_dicom_series` (no pixel data), but
+    only the files with the same SeriesInstanceUID (or fallback key) as ``file`` are grouped. A
+    file that is not a slice of any series (a localizer, say) gets the id of its
+    SeriesInstanceUID (or fallback key).
+
+    Raises:
+        InputError: ``file`` is not a DICOM image file.
+    """
+    import pydicom
+
+    folder, file = Path(folder), Path(file)
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a file that is not DICOM
+        detail = " ".join(str(exc).split())[:_MAX_DETAIL_CHARS] or type(exc).__name__
+        raise InputError(f"{file}: not a readable DICOM file ({detail})") from exc
+    if "Rows" not in ds or "Columns" not in ds:
+        raise InputError(f"{file}: DICOM file without an image (no Rows/Columns); expected a CT slice")
+    uid = _series_id(ds)
+    groups, _ = _collect(folder, only_id=uid)
+    target = file.resolve()
+    for series in _series_of_group(uid, groups[uid]) if uid in groups else []:
+        if any(path.resolve() == target for path in series.files):
+            return series.uid
+    return uid
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,8 +108,9 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
 
     Args:
         path: a NIfTI, NRRD or MetaImage file, a DICOM folder, or one file of a DICOM series.
-        series_uid: for DICOM folders holding several series, the SeriesInstanceUID to read
-            (ignored for other formats).
+        series_uid: for DICOM folders holding several series, the id of the series to read (its
+            SeriesInstanceUID, or another id from :func:`.dicom.list_dicom_series`); for one DICOM
+            file it defaults to that file's series. Ignored for other formats.
 
     Returns:
         A :class:`Volume` (``array`` shape ``(I, J, K)``, LPS geometry) named after the file.
@@ -123,10 +124,10 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
         raise InputError(f"{path}: file or folder not found")
     kind = image_format(path)
     if kind == "dicom":
-        from .dicom import read_dicom_series
+        from .dicom import read_dicom_series, series_id_of
 
-        if path.is_file():
-            volume = read_dicom_series(path.parent, series_uid=series_uid or _series_uid_of(path))
+        if path.is_file():  # the series the file belongs to, as the folder's grouping names it
+            volume = read_dicom_series(path.parent, series_uid=series_uid or series_id_of(path.parent, path))
         else:
             volume = read_dicom_series(path, series_uid=series_uid)
     elif not path.is_file():
@@ -137,19 +138,6 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
         volume = _read_itk(path)
     _check_finite(volume, path)
     return volume
-
-
-def _series_uid_of(path: Path) -> str | None:
-    import pydicom
-
-    try:
-        return str(
-            pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-            ).SeriesInstanceUID
-        )
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable DICOM file ({one_line(exc)})") from exc
 
 
 def _check_shape(shape: tuple[int, ...], path: Path) -> tuple[int, ...]:

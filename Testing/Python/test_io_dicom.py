@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from MoMESegmentationLib.errors import InputError
-from MoMESegmentationLib.io.dicom import list_dicom_series, read_dicom_series
+from MoMESegmentationLib.io.dicom import list_dicom_series, read_dicom_series, series_id_of
 from MoMESegmentationLib.io.readers import read_volume
 from MoMESegmentationLib.io.volume import Volume
 
@@ -177,6 +177,40 @@ def test_one_file_of_a_series_reads_its_series(tmp_path):
         if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == uid
     )
     assert read_volume(one).shape == (4, 4, 5)
+
+
+def test_one_file_without_a_series_uid_reads_its_series(tmp_path):
+    """Reading one file goes through the folder's grouping: no SeriesInstanceUID element at all."""
+    ct = example_ct(shape=(16, 16, 5))
+    folder = tmp_path / "anonymized"
+    written = write_series(folder, ct, series_uid=MISSING, series_number=4, file_names="sop_uid")
+    other = example_ct(shape=(16, 16, 3), start=(40, 40, 60))
+    write_series(folder, other, series_uid=MISSING, series_number=5, seed=1)
+    assert "SeriesInstanceUID" not in pydicom.dcmread(written.paths[2], stop_before_pixels=True)
+    ids = {s.num_slices: s.uid for s in list_dicom_series(folder)}
+    assert series_id_of(folder, written.paths[2]) == ids[5]
+    assert_same_volume(read_volume(written.paths[2]), ct)
+
+
+def test_one_file_of_a_split_off_part_reads_that_part(tmp_path):
+    """A file of the smaller reconstruction under a shared UID reads ``UID#2``, not the larger part."""
+    ct = example_ct(shape=(16, 16, 6))
+    folder = tmp_path / "recons"
+    coarse = write_series(folder, ct)
+    uid = coarse.series_uid
+    fine = Volume(ct.array[:, :, :4], spacing=(1.0, 1.0, 1.5), origin=ct.origin, direction=ct.direction)
+    split = write_series(folder, fine, series_uid=uid, file_names="sop_uid", seed=1)
+    assert series_id_of(folder, split.paths[1]) == uid + "#2"
+    assert series_id_of(folder, coarse.paths[3]) == uid
+    assert_same_volume(read_volume(split.paths[1]), fine)
+    assert_same_volume(read_volume(coarse.paths[3]), ct)
+
+
+def test_one_file_that_is_not_dicom_is_named(tmp_path):
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\x00" * 200)
+    with pytest.raises(InputError, match="scan.dcm: not a readable DICOM file"):
+        read_volume(path)
 
 
 def test_anonymized_export_with_empty_series_uid_in_jpeg2000(tmp_path):
