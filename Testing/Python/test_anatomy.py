@@ -309,6 +309,30 @@ def test_not_a_ct_is_undetermined(vocab, fill):
     assert check_structure(vocab["liver"], blob(volume), volume, coverage) is None
 
 
+def test_regions_between_landmarks():
+    """Slices between landmarks get the regions anatomy's order and the regions' lengths allow."""
+    from MoMESegmentationLib.anatomy import _assign
+
+    runs = [("head", 10), ("", 40), ("chest", 20), ("", 30), ("pelvis", 25)]  # slices 4 mm apart
+    landmark = np.array([name for name, count in runs for _ in range(count)], dtype=object)
+    z = -4.0 * np.arange(len(landmark))
+    labels, possible = _assign(landmark, z, np.ones(len(z), dtype=bool), np.full(len(z), 300.0))
+
+    def at(i: int) -> tuple[str, set[str]]:
+        return labels[i], set(possible[i])
+
+    head_bottom, chest_top, chest_bottom, pelvis_top = 9, 50, 69, 100
+    assert at(head_bottom + 5) == ("head", {"head"})  # 20 mm below the skull ring: skull base, face
+    assert at(head_bottom + 15) == (UNKNOWN, {"head", "neck"})  # 60 mm: face or neck
+    assert at(chest_top - 5) == ("neck", {"neck"})  # 20 mm above the lung apices
+    assert at(chest_bottom + 5) == ("abdomen", {"abdomen"})
+    assert at(pelvis_top - 3) == (UNKNOWN, {"abdomen", "pelvis"})  # 12 mm above the iliac crests
+    assert labels[:10] == ("head",) * 10 and labels[-25:] == ("pelvis",) * 25
+    # a big cross-section is no head
+    _, possible = _assign(landmark, z, np.ones(len(z), dtype=bool), np.full(len(z), 600.0))
+    assert set(possible[head_bottom + 15]) == {"neck"}
+
+
 # --------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------
