@@ -35,6 +35,7 @@ import torch
 
 from .errors import Cancelled, CheckpointError, InputError, MoMEError, PromptError
 from .io.volume import Volume
+from .windows import pad_to_window, truncated_sides, valid_window_mask
 
 __all__ = [
     "CancelToken",
@@ -54,6 +55,9 @@ ProgressCallback = Callable[[float, str, str], None]
 
 #: Logit given to voxels outside the processed region (sigmoid ~ 2e-9).
 _OUTSIDE_LOGIT = -20.0
+
+#: Voxels above this (HU) count as body when cropping to the body.
+BODY_HU = -500.0
 
 #: Fast mode's spacing, relative to the model's. It must stay inside the zoom range the recipes train
 #: with (+-20 %): on the bundled CT the demo weights take 13 s instead of 48 s on 2 CPU cores at 1.2x
@@ -207,6 +211,15 @@ class Preprocessed:
     resampled_shape: tuple[int, int, int]
     body_box: tuple[slice, slice, slice]  # in the resampled grid
     fingerprint: str
+    #: ``(before, after)`` voxels added per axis so that the image spans at least one window
+    #: (:func:`~MoMESegmentationLib.windows.pad_to_window`); ``image`` is padded, ``body_box`` is not.
+    padding: tuple[tuple[int, int], ...] = ((0, 0), (0, 0), (0, 0))
+
+    @property
+    def unpadded(self) -> tuple[slice, slice, slice]:
+        """The index box of the body-cropped image inside the padded ``image``."""
+        return tuple(slice(before, n - after) for (before, after), n in
+                     zip(self.padding, self.image.shape[2:]))  # type: ignore[return-value]
 
 
 class _FeatureCache:
@@ -280,6 +293,9 @@ class Segmenter:
         self.threshold = float(prep.get("threshold", 0.5))
         self.sw_batch_size = sw_batch_size
         self.cache_features = cache_features
+        # Padding of scans shorter than a window (MoMESegmentationLib.windows): benchmarks compare settings.
+        self.pad_mode = "mirror"
+        self.mask_padding = True  # norms and the global pool skip the padding (model.masked_norm)
         self._cache = _FeatureCache()
         self._vocabulary = vocabulary
         self._text_encoder = None
@@ -394,14 +410,16 @@ class Segmenter:
         resampled, resample_record = resample_to_spacing(
             canonical.with_array(canonical.array.astype(np.float32, copy=False)), spacing, mode="linear")
         hu = np.asarray(resampled.array, dtype=np.float32)
-        body_box = _body_box(hu, margin=4)
+        body_box = _body_box(hu > BODY_HU, margin=4)
         low, high = self.window
         image = np.clip((hu[body_box] - low) / (high - low), 0.0, 1.0)
+        # A scan shorter than a window is padded as training pads it (see MoMESegmentationLib.windows).
+        image, padding = pad_to_window(image, self.patch_size, truncated_sides(image > 0), self.pad_mode)
         tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
         digest = hashlib.blake2b(tensor.numpy().tobytes(), digest_size=16)
         digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path))).encode())
         return Preprocessed(tensor, canonical_record, resample_record, tuple(hu.shape), body_box,
-                            digest.hexdigest())
+                            digest.hexdigest(), padding)
 
     # --------------------------------------------------------------- inference
     def _choose_batch(self) -> int:
@@ -468,7 +486,9 @@ class Segmenter:
             with self._autocast():
                 missing = [i for i, k in enumerate(keys) if k not in self._cache.windows]
                 if missing:
-                    fresh = model.encode(window[missing])
+                    valid = valid_window_mask([coords[i] for i in missing], prep.unpadded, window.device) \
+                        if self.mask_padding and any(any(p) for p in prep.padding) else None
+                    fresh = model.encode(window[missing], valid)
                     for j, i in enumerate(missing):
                         item = fresh[j:j + 1] if hasattr(fresh, "__getitem__") else fresh
                         self._cache.windows[keys[i]] = item
@@ -606,7 +626,7 @@ class Segmenter:
         from .io.geometry import resample_back, restore_from_canonical
 
         full = torch.full(prep.resampled_shape, _OUTSIDE_LOGIT, dtype=torch.float32, device=logits.device)
-        full[prep.body_box] = logits
+        full[prep.body_box] = logits[prep.unpadded]
         canonical = resample_back(full[None], prep.resample_record, mode="linear")[0]
         prob = torch.sigmoid(restore_from_canonical(canonical, prep.canonical_record))
         if tuple(prob.shape) != tuple(shape):
@@ -630,16 +650,15 @@ def _validate_volume(volume: Volume) -> None:
         raise InputError(f"{name}: volume contains NaN or infinite voxels")
 
 
-def _body_box(hu: np.ndarray, margin: int = 4, threshold: float = -500.0) -> tuple[slice, slice, slice]:
-    """Bounding box of the body (voxels above ``threshold`` HU) plus a margin; the whole grid if empty."""
-    inside = hu > threshold
+def _body_box(inside: np.ndarray, margin: int = 4) -> tuple[slice, slice, slice]:
+    """Bounding box of the body mask ``inside`` plus a margin; the whole grid if empty."""
     if not inside.any():
-        return tuple(slice(0, n) for n in hu.shape)  # type: ignore[return-value]
+        return tuple(slice(0, n) for n in inside.shape)  # type: ignore[return-value]
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         present = np.flatnonzero(inside.any(axis=other))
-        box.append(slice(max(0, int(present[0]) - margin), min(hu.shape[axis], int(present[-1]) + 1 + margin)))
+        box.append(slice(max(0, int(present[0]) - margin), min(inside.shape[axis], int(present[-1]) + 1 + margin)))
     return tuple(box)  # type: ignore[return-value]
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from .backbone import NUM_DECODER_SCALES, SWIN_DIVISOR, SwinUNETRBackbone, decoder_channels
 from .experts import ExpertProjection, ImageFeatures, group_count
 from .heads import DynamicHead
+from .masked_norm import convert_norms, valid_voxels
 from .router import RouterOutput, TextGuidedRouter, resize, switch_balance_loss
 
 __all__ = ["MoMEConfig", "MoME"]
@@ -230,18 +231,24 @@ class MoME(nn.Module):
         self.head = DynamicHead(
             config.global_dim + config.text_proj_dim, config.head_channels, config.head_layers
         )
+        # Instance/group norms and the global pool can skip padding (see encode's ``valid``).
+        convert_norms(self)
 
     @property
     def num_experts(self) -> int:
         return self.config.num_experts
 
     # -- stage 1: prompt-free ------------------------------------------------------------
-    def encode(self, image: torch.Tensor) -> ImageFeatures:
+    def encode(self, image: torch.Tensor, valid: torch.Tensor | None = None) -> ImageFeatures:
         """Prompt-free image features.
 
         Args:
             image: ``[B, C, D, H, W]`` preprocessed CT (intensities scaled to [0, 1]),
                 ``D, H, W`` divisible by 32 and at least 64 voxels along one axis.
+            valid: optional ``[B, 1, D, H, W]`` (or ``[1, 1, D, H, W]``) mask of the voxels that hold
+                the scan, false where a window was padded beyond it: instance/group norms and the
+                global pool then take their statistics over the valid voxels only
+                (:mod:`~.masked_norm`). ``None`` means every voxel is valid.
 
         Returns:
             :class:`ImageFeatures` with ``E`` expert maps at their own scales and the global feature.
@@ -252,9 +259,13 @@ class MoME(nn.Module):
             )
         spatial = tuple(int(s) for s in image.shape[2:])
         _check_spatial_size(spatial, "image spatial size")
-        decoder, bottleneck = self.backbone.forward_features(image)
-        experts = [proj(decoder[s]) for proj, s in zip(self.experts, self.config.expert_scales, strict=True)]
-        global_feature = self.global_pool(bottleneck).flatten(1)
+        if valid is not None and (valid.ndim != 5 or tuple(valid.shape[2:]) != spatial
+                                  or valid.shape[0] not in (1, image.shape[0])):
+            raise ValueError(f"valid must be [B, 1, {', '.join(map(str, spatial))}], got {tuple(valid.shape)}")
+        with valid_voxels(valid):
+            decoder, bottleneck = self.backbone.forward_features(image)
+            experts = [proj(decoder[s]) for proj, s in zip(self.experts, self.config.expert_scales, strict=True)]
+            global_feature = self.global_pool(bottleneck).flatten(1)
         return ImageFeatures(experts, global_feature, spatial)
 
     # -- stage 2: prompts ------------------------------------------------------------------
@@ -312,10 +323,11 @@ class MoME(nn.Module):
         return out, aux
 
     def forward(
-        self, image: torch.Tensor, prompt_embeddings: torch.Tensor, return_aux: bool = False
+        self, image: torch.Tensor, prompt_embeddings: torch.Tensor, return_aux: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, RouterOutput]:
-        """``decode(encode(image), prompt_embeddings, return_aux)``: logits ``[B, K, D, H, W]``."""
-        return self.decode(self.encode(image), prompt_embeddings, return_aux=return_aux)
+        """``decode(encode(image, valid), prompt_embeddings, return_aux)``: logits ``[B, K, D, H, W]``."""
+        return self.decode(self.encode(image, valid), prompt_embeddings, return_aux=return_aux)
 
     # -- helpers ---------------------------------------------------------------------------
     def _prompt_batch(self, prompt_embeddings: torch.Tensor, batch: int) -> torch.Tensor:
