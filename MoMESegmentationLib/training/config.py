@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoMEError
+from ..windows import PAD_MODES
 
 __all__ = [
     "ModelSection",
@@ -118,6 +119,9 @@ class TransformConfig:
     prob_noise: float = 0.2
     prob_smooth: float = 0.2
     prob_fov: float = 0.1  # truncated circular field of view
+    prob_slab: float = 0.0  # thin slab along the superior axis (RandSlabd), padded like a short scan
+    slab_slices: list[int] = field(default_factory=lambda: [10, 40])  # slab thickness range, voxels of the grid
+    pad_mode: str = "mirror"  # padding of cases smaller than a patch (MoMESegmentationLib.windows.PAD_MODES)
     prob_lr_flip: float = 0.0  # laterality-aware flip (swaps *_left / *_right); 0 = never flip L-R
 
 
@@ -214,6 +218,11 @@ class TrainConfig:
             raise MoMEError(f"{where}: transforms.window must be [low, high] HU with low < high")
         if self.transforms.sampling not in ("pos_neg", "class_balanced"):
             raise MoMEError(f"{where}: transforms.sampling must be 'pos_neg' or 'class_balanced'")
+        if self.transforms.pad_mode not in PAD_MODES:
+            raise MoMEError(f"{where}: transforms.pad_mode must be one of {', '.join(PAD_MODES)}")
+        slab = self.transforms.slab_slices
+        if len(slab) != 2 or not 1 <= slab[0] <= slab[1]:
+            raise MoMEError(f"{where}: transforms.slab_slices must be [low, high] with 1 <= low <= high")
         if self.data.prompts_per_sample < 1:
             raise MoMEError(f"{where}: data.prompts_per_sample must be >= 1")
         if self.schedule.max_steps < 1 or self.schedule.batch_size < 1:

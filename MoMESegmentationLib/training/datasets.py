@@ -609,7 +609,8 @@ class TrainingSamples(Dataset):
     """Map-style dataset indexed by sample key (see the module docstring).
 
     ``dataset[key]`` returns ``{"image": [1, D, H, W] float32, "target": [K, D, H, W] uint8,
-    "prompt_rows": [K] int64 (rows of the prompt-embedding table), "prompt_weight": [K] float32}``.
+    "prompt_rows": [K] int64 (rows of the prompt-embedding table), "prompt_weight": [K] float32,
+    "valid": [1, D, H, W] bool (false in padding)}``.
 
     Args:
         sources: the training sources, drawn with probability proportional to their weight.
@@ -653,6 +654,7 @@ class TrainingSamples(Dataset):
             "target": torch.from_numpy(targets),
             "prompt_rows": torch.tensor(rows, dtype=torch.int64),
             "prompt_weight": torch.from_numpy(weights),
+            "valid": torch.as_tensor(np.asarray(patch["valid"]), dtype=torch.bool),
         }
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import MoMEError
+from ..windows import pad_to_window, truncated_sides, valid_window_mask
 from .config import TrainConfig, TransformConfig
 from .datasets import (
     StepSampler,
@@ -348,13 +349,22 @@ class Trainer:
             if not names:
                 continue
             embeddings = prompts.canonical(names).to(self.device)
-            image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)[None].to(self.device)
+            # A case smaller than a patch is padded as the engine pads a short scan, with the same valid mask.
+            array = np.asarray(item["image"])[0]
+            patch = tuple(cfg.transforms.patch_size)
+            padded, padding = pad_to_window(array, patch, truncated_sides(array > 0), cfg.transforms.pad_mode)
+            inside = tuple(slice(b, n - a) for (b, a), n in zip(padding, padded.shape))
+            image = torch.as_tensor(np.ascontiguousarray(padded), dtype=torch.float32)[None, None].to(self.device)
             label = np.asarray(item["label"])[0]
+
+            def predictor(x, coords, embeddings=embeddings, inside=inside):
+                return model(x, embeddings, valid=valid_window_mask(coords, inside, x.device))
+
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = sliding_window_inference(
-                    image, roi_size=tuple(cfg.transforms.patch_size), sw_batch_size=cfg.data.validation.sw_batch_size,
-                    predictor=lambda x: model(x, embeddings), overlap=cfg.data.validation.overlap, mode="gaussian",
-                )
+                    image, roi_size=patch, sw_batch_size=cfg.data.validation.sw_batch_size,
+                    predictor=predictor, overlap=cfg.data.validation.overlap, mode="gaussian", with_coord=True,
+                )[(slice(None), slice(None), *inside)]
             pred = (logits.float() > 0).cpu()
             target = torch.from_numpy(np.stack([np.isin(label, item["structure_values"][n]) for n in names]))[None]
             dice = metric(pred, target)[0]
@@ -489,8 +499,9 @@ class Trainer:
             target = batch["target"].to(self.device, non_blocking=True)
             weight = batch["prompt_weight"].to(self.device, non_blocking=True)
             embeddings = table[batch["prompt_rows"].to(self.device)]  # [B, K, T]
+            valid = batch["valid"].to(self.device, non_blocking=True)  # [B, 1, D, H, W], false in padding
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                logits, aux = train_model(image, embeddings, return_aux=True)
+                logits, aux = train_model(image, embeddings, return_aux=True, valid=valid)
             terms = criterion(logits, target, weight, aux.balance_loss)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()

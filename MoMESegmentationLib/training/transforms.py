@@ -15,7 +15,11 @@ from posterior to anterior and axis 2 from inferior to superior.
 
 :func:`augment_transforms` is random: patch sampling (positive/negative or class-balanced),
 small rotations and zoom, contrast-phase-like histogram shifts, intensity scale and shift,
-noise, smoothing, truncated field of view. Laterality is preserved: there is no left-right
+noise, smoothing, truncated field of view, thin slabs (:class:`RandSlabd`). A case smaller than a
+patch is padded exactly as the engine pads a short scan (:class:`PadToWindowd`, see
+:mod:`MoMESegmentationLib.windows`), and every sample carries ``"valid"``, ``[1, D, H, W]``, false
+where the patch holds padding, so that the network's norms skip it as they do at inference.
+Laterality is preserved: there is no left-right
 flip unless :class:`RandLateralityFlipd` is enabled, which swaps ``*_left`` and ``*_right``
 structures together with the voxels; rotations about the superior axis stay small.
 """
@@ -47,9 +51,9 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Spacingd,
     SpatialCropd,
-    SpatialPadd,
 )
 
+from ..windows import apply_padding, truncated_sides, window_padding
 from .config import TransformConfig
 
 __all__ = [
@@ -59,12 +63,17 @@ __all__ = [
     "RandLateralityFlipd",
     "RandFieldOfViewd",
     "RandStructureCropd",
+    "RandSlabd",
+    "PadToWindowd",
+    "AddValidd",
     "swap_laterality",
     "body_mask",
     "crop_size_for",
 ]
 
 KEYS = ("image", "label")
+#: Spatial keys of an augmented sample: image, label and the valid-voxel mask.
+SPATIAL_KEYS = ("image", "label", "valid")
 #: Intensity (after windowing to [0, 1]) above which a voxel counts as body for foreground cropping.
 BODY_THRESHOLD = 0.0
 
@@ -150,6 +159,80 @@ class RandStructureCropd(RandomizableTransform, MapTransform):
         return cropper(d)
 
 
+class AddValidd(MapTransform):
+    """Add ``"valid"``: ones shaped like the image (every voxel of a case is real until padded)."""
+
+    def __init__(self, image_key: str = "image", valid_key: str = "valid") -> None:
+        MapTransform.__init__(self, [image_key])
+        self.image_key, self.valid_key = image_key, valid_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d[self.valid_key] = torch.ones(tuple(d[self.image_key].shape), dtype=torch.float32)
+        return d
+
+
+class RandSlabd(RandomizableTransform, MapTransform):
+    """Cut a thin slab of ``slices`` (random in the range) along the superior axis (RAS axis 2).
+
+    Mimics short scans (a few centimetres of upper abdomen, a limited follow-up): the slab is then
+    padded to the patch as the engine pads it (:class:`PadToWindowd`). Cases not thicker than the
+    slab are left alone.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.0, slices: tuple[int, int] = (10, 40)) -> None:
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, keys)
+        low, high = (int(v) for v in slices)
+        if not 1 <= low <= high:
+            raise ValueError(f"slab slices must be 1 <= low <= high, got {slices}")
+        self.slices = (low, high)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        depth = int(d[self.first_key(d)].shape[-1])
+        n = int(self.R.randint(self.slices[0], self.slices[1] + 1))
+        if depth <= n:
+            return d
+        start = int(self.R.randint(0, depth - n + 1))
+        for key in self.key_iterator(d):
+            d[key] = d[key][..., start:start + n]
+        return d
+
+
+class PadToWindowd(MapTransform):
+    """Pad image, label and valid mask to at least ``spatial_size`` with the engine's rule.
+
+    Sides where the case's field of view cuts the body are reflected (image and label alike), other
+    sides get air and background (``mode="mirror"``, see :func:`MoMESegmentationLib.windows.window_padding`);
+    the valid mask is 0 in all padding. Outputs are tensors ``[1, D, H, W]``.
+    """
+
+    def __init__(self, spatial_size: list[int], mode: str = "mirror", image_key: str = "image",
+                 label_key: str = "label", valid_key: str = "valid") -> None:
+        MapTransform.__init__(self, [image_key, label_key, valid_key])
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.mode = mode
+        self.image_key, self.label_key, self.valid_key = image_key, label_key, valid_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = np.asarray(d[self.image_key])
+        plan = window_padding(image.shape[1:], self.spatial_size, truncated_sides(image[0] > BODY_THRESHOLD),
+                              self.mode)
+        if all(amount == 0 for sides in plan for amount, _ in sides):
+            return d
+        air = tuple(((b, False), (a, False)) for (b, _), (a, _) in plan)
+        d[self.image_key] = torch.as_tensor(apply_padding(image, plan))
+        d[self.label_key] = torch.as_tensor(apply_padding(np.asarray(d[self.label_key]), plan))
+        if self.valid_key in d:
+            d[self.valid_key] = torch.as_tensor(apply_padding(np.asarray(d[self.valid_key]), air))
+        return d
+
+
 class RandLateralityFlipd(RandomizableTransform, MapTransform):
     """Mirror left-right (RAS axis 0) and swap ``*_left`` / ``*_right`` structure ids with it.
 
@@ -215,21 +298,25 @@ def augment_transforms(config: TransformConfig) -> Compose:
     """
     patch = [int(s) for s in config.patch_size]
     crop = crop_size_for(config)
-    transforms: list = [SpatialPadd(keys=KEYS, spatial_size=crop, mode="constant")]
+    keys = SPATIAL_KEYS
+    transforms: list = [AddValidd()]
+    if config.augment and config.prob_slab > 0:
+        transforms.append(RandSlabd(keys, prob=config.prob_slab, slices=tuple(config.slab_slices)))
+    transforms.append(PadToWindowd(crop, mode=config.pad_mode))
     if config.sampling == "class_balanced":
-        transforms.append(RandStructureCropd(KEYS, crop, pos=config.pos, neg=config.neg))
+        transforms.append(RandStructureCropd(keys, crop, pos=config.pos, neg=config.neg))
     else:
         transforms += [
-            RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=crop, pos=config.pos, neg=config.neg,
+            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=crop, pos=config.pos, neg=config.neg,
                                    num_samples=1, image_key="image", image_threshold=BODY_THRESHOLD),
         ]  # returns a one-element list; Compose maps the following transforms over it
     if config.augment:
         rotate = tuple(math.radians(a) for a in config.rotate_deg)
         transforms += [
-            RandAffined(keys=KEYS, spatial_size=patch, prob=config.prob_affine, rotate_range=rotate,
-                        scale_range=(config.scale_range,) * 3, mode=("bilinear", "nearest"),
+            RandAffined(keys=keys, spatial_size=patch, prob=config.prob_affine, rotate_range=rotate,
+                        scale_range=(config.scale_range,) * 3, mode=("bilinear", "nearest", "nearest"),
                         padding_mode="zeros", cache_grid=False),
-            RandLateralityFlipd(KEYS, prob=config.prob_lr_flip),
+            RandLateralityFlipd(keys, prob=config.prob_lr_flip),
             RandFieldOfViewd(KEYS, prob=config.prob_fov),
             RandHistogramShiftd(keys="image", num_control_points=(5, 10), prob=config.prob_intensity),
             RandScaleIntensityd(keys="image", factors=0.1, prob=config.prob_intensity),
@@ -240,7 +327,8 @@ def augment_transforms(config: TransformConfig) -> Compose:
             RandGaussianNoised(keys="image", std=0.03, prob=config.prob_noise),
         ]
     else:
-        transforms.append(SpatialCropd(keys=KEYS, roi_center=[c // 2 for c in crop], roi_size=patch))
+        transforms.append(SpatialCropd(keys=keys, roi_center=[c // 2 for c in crop], roi_size=patch))
     transforms.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
+    transforms.append(EnsureTyped(keys="valid", dtype=torch.bool, track_meta=False))
     transforms.append(EnsureTyped(keys="label", track_meta=False))
     return Compose(transforms)
