@@ -53,6 +53,7 @@ from MoMESegmentationLib.errors import MoMEError  # noqa: E402
 from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     MODULE_REQUIREMENTS,
     JobState,
+    ResultRow,
     SegmentationOptions,
     SegmentationWorkflow,
     completion_terms,
@@ -186,6 +187,7 @@ class MoMESegmentationParameterNode:
     probabilities - Also compute per-structure probability maps.
     largestComponent - Keep only the largest connected component of each structure.
     fastMode - 1.2x coarser grid: about 3x quicker on a CPU.
+    anatomyGuard - Refuse non-CT input and report masks the field of view makes implausible as not found.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -198,6 +200,7 @@ class MoMESegmentationParameterNode:
     probabilities: bool = False
     largestComponent: bool = False
     fastMode: bool = False
+    anatomyGuard: bool = True
 
 
 #
@@ -246,9 +249,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for card in self.logic.modelCards():
             self.ui.modelSelector.addItem(card.title, card.name)
-        self.ui.resultsTable.setColumnCount(5)
-        self.ui.resultsTable.setHorizontalHeaderLabels(
-            [_("Structure"), _("Matched term"), _("Volume (mL)"), _("Mean probability"), _("Found")])
+        self.ui.resultsTable.setColumnCount(len(ResultRow.HEADERS))
+        self.ui.resultsTable.setHorizontalHeaderLabels([_(header) for header in ResultRow.HEADERS])
 
         self._completer = qt.QCompleter(self.ui.promptEdit)
         self._completer.setCaseSensitivity(qt.Qt.CaseInsensitive)
@@ -385,7 +387,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.segment(
                 p.inputVolume, p.prompts, segmentationNode=p.outputSegmentation, wait=False, model=p.model,
                 device=p.device.value, roiNode=p.roi, replace=(p.segmentMode == SegmentMode.REPLACE),
-                probabilities=p.probabilities, largestComponent=p.largestComponent, fast=p.fastMode)
+                probabilities=p.probabilities, largestComponent=p.largestComponent, fast=p.fastMode,
+                anatomyGuard=p.anatomyGuard)
             self._pollTimer.start()
         self._checkCanApply()
 
@@ -582,10 +585,12 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, prompts, segmentationNode=None, wait=True, model="demo", device="auto",
                 roiNode=None, replace=False, probabilities=False, largestComponent=False, fast=False,
-                threads=None, timeout=None):
+                anatomyGuard=True, threads=None, timeout=None):
         """Segment the structures named in ``prompts`` (comma-separated) in ``volumeNode``.
 
         :param segmentationNode: segmentation that receives the segments; ``None`` creates one.
+        :param anatomyGuard: refuse non-CT input; report masks the field of view makes implausible
+            (a liver in a head CT) as not found, with the reason in the results table.
         :param wait: block until the job ends (then raise on failure); otherwise return at once and
             let :meth:`processEvents` (a QTimer in the module panel) drive it.
         :return: the job (``job.state``, ``job.result_ref`` = segmentation node, ``job.summary``).
@@ -594,7 +599,8 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             raise MoMEError(_("Select an input volume."))
         roi = self.roiBox(roiNode, volumeNode) if roiNode else None
         options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, replace=replace,
-                                      probabilities=probabilities, largest_component=largestComponent, fast=fast)
+                                      probabilities=probabilities, largest_component=largestComponent, fast=fast,
+                                      anatomy_guard=anatomyGuard)
         workflow = self.workflow()
         self.log(_("Segmenting '{prompts}' in {volume} with model {model} on {device}").format(
             prompts=prompts, volume=volumeNode.GetName(), model=model, device=device))

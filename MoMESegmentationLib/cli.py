@@ -54,6 +54,8 @@ def _print_table(structures, dice: dict[str, float] | None = None, stream=sys.st
         if dice is not None:
             value = dice.get(s.id or "")
             row += f" {value:>6.3f}" if value is not None else f" {'-':>6}"
+        if not s.found and s.note:
+            row += f"  [{s.rule}] {s.note}"
         print(row, file=stream)
 
 
@@ -117,7 +119,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bar = _ProgressBar(path.name, enabled=not args.quiet)
         try:
             result = segmenter.segment(volume, args.prompt, roi=roi, probabilities=args.probabilities,
-                                       largest_component=args.largest_component, fast=args.fast, progress=bar)
+                                       largest_component=args.largest_component, fast=args.fast,
+                                       anatomy_guard=args.anatomy_guard, progress=bar)
         finally:
             bar.close()
         write_result(result, target, result.summary(str(path)), probabilities=args.probabilities)
@@ -125,6 +128,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{path} -> {target}")
         if not args.quiet:
+            if result.coverage is not None:
+                print(result.coverage["description"])
             _print_table(result.structures)
     return 0
 
@@ -270,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--probabilities", action="store_true", help="also write probability maps")
     segment.add_argument("--largest-component", action="store_true", help="keep each structure's largest part")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    segment.add_argument("--no-anatomy-guard", dest="anatomy_guard", action="store_false",
+                         help="segment non-CT input and keep masks the scan's field of view makes implausible "
+                              "(e.g. a liver in a head CT); for unusual anatomy")
     _add_runtime_options(segment)
     segment.set_defaults(handler=cmd_segment)
 

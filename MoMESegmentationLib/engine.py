@@ -56,6 +56,9 @@ ProgressCallback = Callable[[float, str, str], None]
 #: Logit given to voxels outside the processed region (sigmoid ~ 2e-9).
 _OUTSIDE_LOGIT = -20.0
 
+#: How :func:`check_ct_like` words a scan that is not CT in Hounsfield units.
+NOT_CT = "intensities do not look like CT in Hounsfield units"
+
 #: Voxels above this (HU) count as body when cropping to the body.
 BODY_HU = -500.0
 
@@ -100,7 +103,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def check_ct_like(volume: Volume) -> str | None:
-    """Return a warning when the intensities do not look like CT in Hounsfield units (e.g. MR)."""
+    """Return a warning when the intensities do not look like CT in Hounsfield units (e.g. MR).
+
+    A warning that starts with :data:`NOT_CT` means the scan has no air or fat at all (MR, a
+    rescaled image): the anatomy guard refuses it. Other warnings (an unusual range) are advisory.
+    """
     values = volume.array
     if values.size > 2_000_000:  # a regular subsample is plenty for percentiles
         step = int(math.ceil((values.size / 2_000_000) ** (1 / 3)))
@@ -109,7 +116,7 @@ def check_ct_like(volume: Volume) -> str | None:
     p1, p50, p99 = np.percentile(values, [1, 50, 99])
     name = volume.name or "input"
     if p1 > -200:
-        return (f"{name}: intensities do not look like CT in Hounsfield units (1st percentile {p1:.0f}, "
+        return (f"{name}: {NOT_CT} (1st percentile {p1:.0f}, "
                 "no air or fat); is this an MR or a rescaled image? Results will be unreliable.")
     if p1 < -3000 or p99 > 10000:
         return f"{name}: intensity range {p1:.0f}..{p99:.0f} is unusual for CT in Hounsfield units."
@@ -146,7 +153,10 @@ class StructureResult:
     volume_ml: float
     mean_probability: float
     voxels: int
-    note: str = ""
+    note: str = ""  # why a structure is not found, for users
+    #: which rule made it not found: "empty", "size", "confidence", or the anatomy guard's
+    #: "region", "position", "volume" (see :mod:`MoMESegmentationLib.anatomy`); "" when found
+    rule: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -154,7 +164,7 @@ class StructureResult:
             "similarity": round(float(self.similarity), 4), "found": self.found,
             "terminology": self.terminology, "color": list(self.color),
             "volume_ml": round(float(self.volume_ml), 3), "mean_probability": round(float(self.mean_probability), 4),
-            "voxels": int(self.voxels), "note": self.note,
+            "voxels": int(self.voxels), "note": self.note, "rule": self.rule,
         }
 
 
@@ -175,6 +185,8 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    #: the anatomy guard's reading of the scan (None when the guard was off)
+    coverage: dict | None = None
 
     def labelmap_volume(self) -> Volume:
         return self.reference.with_array(self.labelmap, name="labels")
@@ -186,6 +198,8 @@ class SegmentationResult:
             "prompts": [s.prompt for s in self.structures],
             "structures": [s.to_json() for s in self.structures],
             "warnings": list(self.warnings),
+            "anatomy_guard": self.coverage is not None,
+            "coverage": self.coverage,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -521,6 +535,7 @@ class Segmenter:
         fast: bool = False,
         min_volume_ml: float = 0.1,
         min_confidence: float = 0.6,
+        anatomy_guard: bool = True,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> SegmentationResult:
@@ -536,6 +551,10 @@ class Segmenter:
             fast: coarser spacing (:data:`FAST_SPACING_FACTOR` times the model's) for quicker CPU runs.
             min_volume_ml, min_confidence: a mask smaller than this, or whose mean probability is
                 below this, is reported as not found.
+            anatomy_guard: refuse input that is not CT, and report as not found (with the rule and
+                the reason) a mask that the scan's field of view or the structure's priors make
+                implausible, e.g. a liver in a head CT (:mod:`MoMESegmentationLib.anatomy`). Turn it
+                off for unusual anatomy (children, situs anomalies, transplants).
             progress: ``progress(fraction, stage, message)`` callback.
             cancel: a :class:`CancelToken` checked between windows.
         """
@@ -546,9 +565,17 @@ class Segmenter:
         plans = self.plan_prompts(prompts)
         warnings = []
         warning = check_ct_like(volume)
+        if warning and anatomy_guard and NOT_CT in warning:
+            raise InputError(f"{warning.split('?')[0]}? Refused; turn the anatomy guard off to segment it anyway.")
         if warning:
             logger.warning(warning)
             warnings.append(warning)
+        coverage = None
+        if anatomy_guard:
+            from .anatomy import describe, estimate_coverage
+
+            coverage = estimate_coverage(volume)
+            logger.info("%s: %s", volume.name or "input", describe(coverage))
         report(0.0, "preprocessing", "preparing the volume")
         box = _roi_box(volume, roi) if roi is not None else tuple(slice(0, n) for n in volume.shape)
         # The network needs a whole window of real anatomy around a small ROI: the global feature that
@@ -585,9 +612,12 @@ class Segmenter:
             voxels = int(mask.sum())
             volume_ml = voxels * volume.voxel_volume_ml
             mean_prob = float(full[mask].mean()) if voxels else 0.0
-            found = voxels > 0 and volume_ml >= min_volume_ml and mean_prob >= min_confidence
-            note = "" if found else ("no voxels above threshold" if voxels == 0 else
-                                     f"below minimum size/confidence ({volume_ml:.2f} mL, p={mean_prob:.2f})")
+            rule, note = _size_rule(voxels, volume_ml, mean_prob, min_volume_ml, min_confidence)
+            if not rule and coverage is not None:
+                verdict = self._guard(plan, mask, volume, coverage)
+                if verdict is not None:
+                    rule, note = verdict.rule, verdict.reason
+            found = not rule
             if not found:
                 mask = torch.zeros_like(mask)
             label = index + 1
@@ -598,7 +628,7 @@ class Segmenter:
                 label=label, prompt=plan.prompt, id=plan.structure_id, name=plan.name,
                 match=plan.structure_id, similarity=plan.similarity, found=found, color=plan.color,
                 terminology=plan.terminology, volume_ml=volume_ml if found else 0.0,
-                mean_probability=mean_prob, voxels=voxels if found else 0, note=note))
+                mean_probability=mean_prob, voxels=voxels if found else 0, note=note, rule=rule))
             masks.append(mask.cpu().numpy())
             if probabilities:
                 probs.append(full.cpu().numpy())
@@ -608,7 +638,15 @@ class Segmenter:
         report(1.0, "done", f"{sum(s.found for s in structures)} of {len(structures)} structures found")
         return SegmentationResult(reference=volume, structures=structures, masks=masks,
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
-                                  warnings=warnings, model=self.model_info(), timings=timings)
+                                  warnings=warnings, model=self.model_info(), timings=timings,
+                                  coverage=None if coverage is None else _coverage_json(coverage))
+
+    def _guard(self, plan: PromptPlan, mask: torch.Tensor, volume: Volume, coverage):
+        """The anatomy guard's verdict on one found mask (free-text prompts have no priors)."""
+        from .anatomy import check_structure
+
+        structure = self.vocabulary.get(plan.structure_id) if plan.exact and plan.structure_id else None
+        return check_structure(structure, mask.cpu().numpy(), volume, coverage)
 
     def grid_spacing(self, fast: bool = False) -> tuple[float, ...]:
         """The spacing the network runs at: the model's, or :data:`FAST_SPACING_FACTOR` times it."""
@@ -648,6 +686,30 @@ def _validate_volume(volume: Volume) -> None:
         raise InputError(f"{name}: voxel type {volume.array.dtype} is not numeric")
     if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
         raise InputError(f"{name}: volume contains NaN or infinite voxels")
+
+
+def _size_rule(voxels: int, volume_ml: float, mean_prob: float, min_volume_ml: float,
+               min_confidence: float) -> tuple[str, str]:
+    """``(rule, note)`` when a mask is empty, too small or not confident enough; ``("", "")`` otherwise."""
+    if voxels == 0:
+        return "empty", "no voxels above threshold"
+    if volume_ml < min_volume_ml:
+        return "size", f"smaller than {min_volume_ml:g} mL ({volume_ml:.2f} mL)"
+    if mean_prob < min_confidence:
+        return "confidence", f"mean probability {mean_prob:.2f} below {min_confidence:g}"
+    return "", ""
+
+
+def _coverage_json(coverage) -> dict:
+    from .anatomy import describe
+
+    return {
+        "description": describe(coverage),
+        "regions": list(coverage.regions),
+        "possible": list(coverage.possible),
+        "extents_mm": {k: [round(float(a), 1), round(float(b), 1)] for k, (a, b) in coverage.extents.items()},
+        "evidence": list(coverage.evidence),
+    }
 
 
 def _body_box(inside: np.ndarray, margin: int = 4) -> tuple[slice, slice, slice]:

@@ -110,6 +110,7 @@ class SegmentationOptions:
     probabilities: bool = False  # also write per-structure probability maps
     largest_component: bool = False  # keep the largest connected component of each structure
     fast: bool = False  # 1.2x coarser grid (about 3x quicker on a CPU)
+    anatomy_guard: bool = True  # refuse non-CT input; drop masks the field of view makes implausible
     replace: bool = False  # replace existing segments with the same name instead of adding
 
     def __post_init__(self) -> None:
@@ -127,7 +128,8 @@ class SegmentationOptions:
 
     def worker_options(self) -> dict:
         return {"roi": self.roi, "probabilities": bool(self.probabilities),
-                "largest_component": bool(self.largest_component), "fast": bool(self.fast)}
+                "largest_component": bool(self.largest_component), "fast": bool(self.fast),
+                "anatomy_guard": bool(self.anatomy_guard)}
 
 
 class JobState(str, enum.Enum):
@@ -416,13 +418,15 @@ class ResultRow:
     volume_ml: float
     mean_probability: float
     found: bool
+    note: str = ""  # why not found: "[rule] reason", e.g. "[region] scan covers head only; ..."
 
-    HEADERS = ("Structure", "Matched term", "Volume (mL)", "Mean probability", "Found")
+    HEADERS = ("Structure", "Matched term", "Volume (mL)", "Mean probability", "Found", "Why not found")
 
-    def cells(self) -> tuple[str, str, str, str, str]:
+    def cells(self) -> tuple[str, str, str, str, str, str]:
         matched = self.matched if self.similarity >= 0.999 else f"{self.matched} ({self.similarity:.2f})"
         return (self.structure, matched, f"{self.volume_ml:.1f}" if self.found else "-",
-                f"{self.mean_probability:.2f}" if self.found else "-", "yes" if self.found else "no")
+                f"{self.mean_probability:.2f}" if self.found else "-", "yes" if self.found else "no",
+                "" if self.found else self.note)
 
 
 def result_rows(summary: dict | None) -> list[ResultRow]:
@@ -439,8 +443,14 @@ def result_rows(summary: dict | None) -> list[ResultRow]:
             volume_ml=_float(entry.get("volume_ml"), 0.0),
             mean_probability=_float(entry.get("mean_probability"), 0.0),
             found=bool(entry.get("found")),
+            note=_note(entry),
         ))
     return rows
+
+
+def _note(entry: dict) -> str:
+    note, rule = str(entry.get("note") or ""), str(entry.get("rule") or "")
+    return f"[{rule}] {note}" if rule and note else note
 
 
 def _float(value: Any, default: float) -> float:

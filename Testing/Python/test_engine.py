@@ -117,12 +117,14 @@ def test_group_prompt_expands_and_names_structures(segmenter):
     assert result.summary()["structures"][0]["color"]
 
 
-def test_modality_guard_warns_on_mr_like_intensities(segmenter):
+def test_modality_guard_refuses_mr_like_intensities(segmenter):
     volume = make_ct()
     mr = volume.with_array(np.abs(volume.array) + 100.0)
     assert check_ct_like(mr) is not None
     assert check_ct_like(volume) is None
-    assert segmenter.segment(mr, "liver").warnings
+    with pytest.raises(InputError, match="do not look like CT"):
+        segmenter.segment(mr, "liver")
+    assert segmenter.segment(mr, "liver", anatomy_guard=False).warnings
 
 
 def test_bad_prompts_and_models(segmenter, checkpoint, tmp_path):

@@ -445,11 +445,14 @@ class PureHelpersTest(unittest.TestCase):
             {"prompt": "liver", "name": "Liver", "similarity": 1.0, "found": True, "volume_ml": 1500.25,
              "mean_probability": 0.931},
             {"prompt": "kidny", "name": "Kidney left", "similarity": 0.74, "found": False},
+            {"prompt": "bladder", "name": "Urinary bladder", "found": False, "rule": "region",
+             "note": "scan covers chest only; urinary bladder lies in the pelvis"},
             "junk"]}
         rows = result_rows(summary)
-        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "yes"))
-        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "no"))
-        self.assertEqual(len(ResultRow.HEADERS), 5)
+        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "yes", ""))
+        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "no", ""))
+        self.assertEqual(rows[2].cells()[-1], "[region] scan covers chest only; urinary bladder lies in the pelvis")
+        self.assertEqual(len(ResultRow.HEADERS), len(rows[0].cells()))
         self.assertEqual(result_rows(None), [])
 
     def test_model_cards_are_read_defensively(self):

@@ -351,9 +351,10 @@ class WorkflowTest(unittest.TestCase):
             SegmentationOptions(roi=[[0, 0, 0], [0, 1, 1]])
         with self.assertRaisesRegex(ValueError, "threads"):
             SegmentationOptions(threads=0)
-        options = SegmentationOptions(roi=[[0, 0, 0], [1, 1, 1]], fast=True)
+        options = SegmentationOptions(roi=[[0, 0, 0], [1, 1, 1]], fast=True, anatomy_guard=False)
         self.assertEqual(options.worker_options(), {"roi": [[0, 0, 0], [1, 1, 1]], "probabilities": False,
-                                                     "largest_component": False, "fast": True})
+                                                     "largest_component": False, "fast": True,
+                                                     "anatomy_guard": False})
 
 
 def _equal_snapshots(a: tuple, b: tuple) -> bool:
