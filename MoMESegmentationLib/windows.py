@@ -80,11 +80,13 @@ def apply_padding(array: np.ndarray, plan: PaddingPlan, fill: float = 0.0) -> np
     """Pad the last ``len(plan)`` axes of ``array`` as planned: reflection or ``fill``.
 
     Images and label maps padded with the same plan stay aligned; a valid-voxel mask is ones padded
-    with ``fill=0`` (reflected anatomy is not real either).
+    with ``fill=0`` (reflected anatomy is not real either). Reflected sides are padded first, so that
+    a reflection wider than the image repeats the image rather than the fill of the other side.
     """
     lead = array.ndim - len(plan)
     for axis, sides in enumerate(plan, start=lead):
-        for side, (amount, reflect) in enumerate(sides):
+        for side in sorted(range(2), key=lambda s: not sides[s][1]):
+            amount, reflect = sides[side]
             if amount == 0:
                 continue
             widths = [(0, 0)] * array.ndim
