@@ -22,8 +22,6 @@ from MoMESegmentationLib.model.masked_norm import (
     valid_voxels,
 )
 
-torch.set_num_threads(1)
-
 
 def _plain_layers() -> nn.Sequential:
     torch.manual_seed(0)
