@@ -23,6 +23,15 @@ from MoMESegmentationLib.model.masked_norm import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread is faster for these small tensors on a busy machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _plain_layers() -> nn.Sequential:
     torch.manual_seed(0)
     layers = nn.Sequential(
