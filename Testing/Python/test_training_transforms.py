@@ -205,3 +205,201 @@ def test_finetuning_warns_about_changed_preprocessing():
     assert len(warnings) == 3
     assert "patch size [96, 96, 96]" in warnings[0] and "[64, 64, 64]" in warnings[0]
     assert "spacing" in warnings[1] and "HU window" in warnings[2]
+
+
+# ---------------------------------------------------------------- short scans: slabs, padding, valid masks
+def _trunk(shape=(40, 40, 12), hu_body=40.0, hu_organ=200.0):
+    """HU array of a trunk section: a body cylinder along axis 2 (cut by its first and last slice)
+    holding an organ (label 1) that changes along axis 2."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = x ** 2 + y ** 2 < 0.8
+    organ = (x - 0.2) ** 2 + y ** 2 < 0.08 + 0.06 * z
+    return np.where(body, hu_body, -1000.0) + np.where(organ, hu_organ - hu_body, 0.0), organ.astype(np.int32)
+
+
+def _windowed_sample(shape=(40, 40, 12)):
+    """A sample as augment_transforms receives it, already windowed to [0, 1]; label = f(image)."""
+    hu, _ = _trunk(shape)
+    image = np.clip((hu + 175.0) / 425.0, 0.0, 1.0).astype(np.float32)[None]
+    return {"image": torch.from_numpy(image), "label": torch.from_numpy(_label_of(image)),
+            "valid": torch.ones(image.shape)}
+
+
+def _label_of(image):
+    image = np.asarray(image)
+    return np.where(image > 0.8, 2, np.where(image > 0, 1, 0)).astype(np.uint8)
+
+
+def test_rand_slab_cuts_a_contiguous_slab_of_a_thickness_in_range_along_the_superior_axis():
+    from MoMESegmentationLib.training.transforms import RandSlabd
+
+    depth = torch.arange(30, dtype=torch.float32)
+    data = {"image": depth.expand(1, 6, 5, 30).clone(), "label": (depth % 3).expand(1, 6, 5, 30).clone(),
+            "valid": torch.ones(1, 6, 5, 30)}
+    slab = RandSlabd(["image", "label", "valid"], prob=1.0, slices=(5, 9))
+    thicknesses, starts = set(), set()
+    for seed in range(20):
+        slab.set_random_state(seed=seed)
+        out = slab(data)
+        n = out["image"].shape[-1]
+        assert 5 <= n <= 9 and out["image"].shape[:3] == (1, 6, 5)
+        start = int(out["image"][0, 0, 0, 0])
+        expected = torch.arange(start, start + n, dtype=torch.float32)
+        assert torch.equal(out["image"], expected.expand(1, 6, 5, n))  # the same slab in every column
+        assert torch.equal(out["label"], out["image"] % 3) and out["valid"].shape == out["image"].shape
+        thicknesses.add(n)
+        starts.add(start)
+    assert len(thicknesses) > 2 and len(starts) > 2
+    assert data["image"].shape[-1] == 30  # the input is not modified
+
+
+def test_rand_slab_leaves_thin_cases_and_prob_zero_alone():
+    from MoMESegmentationLib.training.transforms import RandSlabd
+
+    thin = _windowed_sample((20, 20, 8))
+    for slab, data in [(RandSlabd(["image", "label", "valid"], prob=1.0, slices=(8, 12)), thin),
+                       (RandSlabd(["image", "label", "valid"], prob=0.0, slices=(2, 3)), _windowed_sample())]:
+        slab.set_random_state(seed=0)
+        out = slab(data)
+        assert all(out[k] is data[k] for k in ("image", "label", "valid"))
+    with pytest.raises(ValueError, match="slab slices"):
+        RandSlabd(["image"], prob=1.0, slices=(0, 4))
+    with pytest.raises(ValueError, match="slab slices"):
+        RandSlabd(["image"], prob=1.0, slices=(9, 4))
+
+
+def test_pad_to_window_mirrors_cut_sides_and_marks_only_padding_invalid():
+    from MoMESegmentationLib.training.transforms import PadToWindowd
+
+    data = _windowed_sample((40, 40, 12))
+    image = data["image"][0]
+    out = PadToWindowd([48, 40, 32])(data)
+    assert all(isinstance(out[k], torch.Tensor) and out[k].shape == (1, 48, 40, 32) for k in ("image", "label", "valid"))
+    inside = (slice(4, 44), slice(0, 40), slice(10, 22))  # axis 0: 8 voxels of air; axis 2: 20 reflected
+    valid = torch.zeros(48, 40, 32)
+    valid[inside] = 1
+    assert torch.equal(out["valid"][0].float(), valid)
+    padded = out["image"][0]
+    assert torch.equal(padded[inside], image)
+    assert not padded[:4].any() and not padded[44:].any()  # the body ends inside along axis 0: air
+    for k in range(1, 11):  # the field of view cuts the body along axis 2: reflected
+        assert torch.equal(padded[4:44, :, 10 - k], image[:, :, k])
+        assert torch.equal(padded[4:44, :, 21 + k], image[:, :, 11 - k])
+    np.testing.assert_array_equal(np.asarray(out["label"]), _label_of(out["image"]))  # labels moved with the image
+    assert np.asarray(out["label"]).dtype == np.uint8
+
+    constant = PadToWindowd([48, 40, 32], mode="constant")(_windowed_sample((40, 40, 12)))
+    assert torch.equal(constant["valid"], out["valid"])
+    assert not constant["image"][0, :, :, :10].any() and not constant["label"][0, :, :, 22:].any()
+
+    big = _windowed_sample((40, 40, 40))
+    same = PadToWindowd([32, 32, 32])(big)
+    assert all(same[k] is big[k] for k in ("image", "label", "valid"))
+
+
+def _case(shape, seed=0):
+    """A preprocessed case (6 mm grid) of the trunk phantom, as the training sources cache it."""
+    hu, organ = _trunk(shape)
+    hu = hu + np.random.default_rng(seed).normal(0, 5, shape)
+    volume = Volume(hu.astype(np.float32), spacing=[6, 6, 6], direction=np.eye(3))
+    item = make_item(volume, organ, {1: ("liver",)}, ["liver"], {})
+    return preprocess_transforms(TransformConfig(spacing=[6, 6, 6]))(item)
+
+
+def _valid_slices(valid: torch.Tensor) -> torch.Tensor:
+    """Which slices along the last axis hold any valid voxel."""
+    return valid[0].flatten(0, 1).any(dim=0)
+
+
+def test_augment_pads_a_thin_case_like_the_engine_and_carries_a_bool_valid_mask():
+    case = _case((40, 40, 12))
+    depth = case["image"].shape[-1]
+    assert depth < 32
+    config = TransformConfig(spacing=[6, 6, 6], patch_size=[32, 32, 32], augment=False)
+    augment = augment_transforms(config)
+    augment.set_random_state(seed=0)
+    out = augment(case)
+    out = out[0] if isinstance(out, list) else out
+    valid = out["valid"]
+    assert valid.dtype == torch.bool and valid.shape == (1, 32, 32, 32)
+    slices = _valid_slices(valid)
+    before = (32 - depth) // 2
+    assert slices.tolist() == [before <= k < before + depth for k in range(32)]
+    assert bool(valid[..., before:before + depth].all())  # axes 0 and 1 are cut from real voxels
+    image = out["image"][0]
+    assert out["image"].dtype == torch.float32 and out["image"].shape == (1, 32, 32, 32)
+    assert torch.equal(image[:, :, before - 1], image[:, :, before + 1])  # mirrored, not air
+    assert image[:, :, 0].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_augmented_samples_always_carry_a_bool_valid_mask_of_the_patch(seed):
+    config = TransformConfig(spacing=[6, 6, 6], patch_size=[32, 32, 32], prob_affine=1.0, prob_intensity=1.0,
+                             prob_slab=0.5, slab_slices=[6, 10], sampling="pos_neg")
+    augment = augment_transforms(config)
+    augment.set_random_state(seed=seed)
+    out = augment(_case((36, 36, 30)))
+    out = out[0] if isinstance(out, list) else out
+    assert out["valid"].dtype == torch.bool and out["valid"].shape == (1, 32, 32, 32)
+    assert out["image"].shape == out["label"].shape == (1, 32, 32, 32)
+    assert bool(out["valid"].any())
+
+
+class _OneCase:
+    """A training source holding one preprocessed case."""
+
+    weight = 1.0
+
+    def __init__(self, item):
+        self.item = item
+
+    def __len__(self):
+        return 1
+
+    def case(self, index):
+        return self.item
+
+
+def test_slab_config_gives_training_samples_padded_along_the_slab_axis():
+    from MoMESegmentationLib.training.datasets import TrainingSamples
+
+    config = config_from_dict({
+        "data": {"datasets": [{"kind": "phantoms"}]},
+        "transforms": {"spacing": [6, 6, 6], "patch_size": [32, 32, 32], "prob_slab": 1.0, "slab_slices": [6, 10],
+                       "prob_affine": 0.0, "prob_fov": 0.0, "sampling": "class_balanced"},
+    }).transforms
+    samples = TrainingSamples([_OneCase(_case((36, 36, 40)))], {"liver": [0]}, config, prompts_per_sample=1,
+                              positive_fraction=1.0, seed=0)
+    for key in range(3):
+        sample = samples[key]
+        valid = sample["valid"]
+        assert valid.dtype == torch.bool and valid.shape == (1, 32, 32, 32)
+        assert sample["image"].shape == (1, 32, 32, 32) and sample["target"].shape == (1, 32, 32, 32)
+        slices = _valid_slices(valid)
+        n = int(slices.sum())
+        assert 6 <= n <= 10
+        first = int(slices.nonzero()[0])
+        assert slices[first:first + n].all() and first == (32 - n) // 2  # centred, padding on both sides
+        assert not valid[..., :first].any() and not valid[..., first + n:].any()
+        assert sample["image"][0, :, :, :first].any()  # the slab cuts the body: mirrored, not air
+
+
+@pytest.mark.parametrize("transforms, setting", [
+    ({"pad_mode": "reflect"}, "pad_mode"),
+    ({"pad_mode": ""}, "pad_mode"),
+    ({"slab_slices": [0, 5]}, "slab_slices"),
+    ({"slab_slices": [12, 5]}, "slab_slices"),
+    ({"slab_slices": [5]}, "slab_slices"),
+])
+def test_config_rejects_bad_padding_and_slab_settings(transforms, setting):
+    from MoMESegmentationLib.errors import MoMEError
+
+    with pytest.raises(MoMEError, match=setting):
+        config_from_dict({"data": {"datasets": [{"kind": "phantoms"}]}, "transforms": transforms})
+
+
+def test_config_accepts_padding_and_slab_settings():
+    config = config_from_dict({"data": {"datasets": [{"kind": "phantoms"}]},
+                               "transforms": {"pad_mode": "constant", "slab_slices": [4, 4], "prob_slab": 0.3}})
+    assert config.transforms.pad_mode == "constant" and config.transforms.slab_slices == [4, 4]
+    assert TransformConfig().pad_mode == "mirror" and TransformConfig().prob_slab == 0.0
