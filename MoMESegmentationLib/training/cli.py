@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "Multi-GPU: torchrun --nproc_per_node N -m MoMESegmentationLib.training CONFIG",
     )
     parser.add_argument("config", metavar="CONFIG", help="training config (.yaml or .json)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/resume (same config)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT/resume (same config and number of processes; a state saved "
+                             "with another seed, world size or batch size is refused)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check dataset folders and print scans and labelled structures per dataset")
     parser.add_argument("--init-backbone", metavar="FILE", default=None,

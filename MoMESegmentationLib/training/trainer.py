@@ -13,7 +13,8 @@ Reproducibility: model initialisation uses ``schedule.seed``; every training sam
 by ``(step, rank, index)`` (see :mod:`.datasets`), and the torch generator is re-seeded from
 ``(seed, step, rank)`` before each step. The learning rate is a function of the step. A run
 resumed from ``resume/`` therefore ends with the same weights as an uninterrupted run (bit for
-bit on CPU).
+bit on CPU); a resume state saved with another seed, world size or per-process batch size is
+refused, since the run would then train on other samples from the resumed step on.
 """
 
 from __future__ import annotations
@@ -266,12 +267,42 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         meta = {"step": step, "param_groups": state["param_groups"], "optim_scalars": scalars,
-                "world_size": self.world_size, **extra}
+                "world_size": self.world_size, "batch_size": self.config.schedule.batch_size,
+                "seed": self.config.schedule.seed, **extra}
         tmp = folder / (RESUME_TENSORS + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(folder / RESUME_TENSORS)
         (folder / (RESUME_JSON + ".tmp")).write_text(json.dumps(meta, indent=1, default=str))
         (folder / (RESUME_JSON + ".tmp")).replace(folder / RESUME_JSON)
+
+    def _check_resume(self) -> None:
+        """Refuse a resume state that this run would not continue but silently fork.
+
+        Every sample is keyed by ``(seed, step, rank)`` and each step draws ``world_size x batch_size``
+        of them, so another seed, world size or per-process batch trains on other data (and another
+        global batch) from the resumed step on. States written before these fields were saved are
+        not checked.
+        """
+        path = self.output_dir / RESUME_DIR / RESUME_JSON
+        if not path.is_file():
+            return
+        meta = json.loads(path.read_text())
+        seed = self.config.schedule.seed
+        if "seed" in meta and int(meta["seed"]) != seed:
+            raise MoMEError(
+                f"{path}: saved by a run with schedule.seed {meta['seed']}, this config has schedule.seed {seed}; "
+                f"resuming would continue that run on another seed's data. Resume with schedule.seed {meta['seed']}, "
+                "or train into a new output folder"
+            )
+        saved = (int(meta.get("world_size", 1)), int(meta.get("batch_size", self.config.schedule.batch_size)))
+        now = (self.world_size, self.config.schedule.batch_size)
+        if saved != now:
+            raise MoMEError(
+                f"{path}: saved by a run with world size {saved[0]} x batch {saved[1]} per process, this run has "
+                f"world size {now[0]} x batch {now[1]}; the global batch and the samples of every further step "
+                f"would change. Resume with {saved[0]} process(es) (torchrun --nproc_per_node {saved[0]}) and "
+                f"schedule.batch_size {saved[1]}, or start a new run from its weights with init.checkpoint"
+            )
 
     def _load_resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         from safetensors.torch import load_file
@@ -432,6 +463,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``stop_step``; return the final checkpoint and validation Dice."""
         cfg = self.config
+        if self.resume:
+            self._check_resume()  # before anything in the run folder changes
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))

@@ -2,10 +2,21 @@
 
 As a script (one process per rank)::
 
-    python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py CONFIG.json OUT_DIR STEPS
+    python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py PLAN.json
 
-trains ``STEPS`` steps with gloo on the CPU and writes ``OUT_DIR/rank<R>.json`` with the SHA-256 of
-that rank's final weights.
+runs the phases of ``PLAN.json`` one after the other in the same process group, each with a fresh
+:class:`Trainer` that knows of the earlier phases only what they left in their run folders::
+
+    {"out": "DIR", "phases": [{"name": "straight", "config": "a.json"},
+                              {"name": "first", "config": "b.json", "stop_step": 1},
+                              {"name": "resumed", "config": "b.json", "resume": true}]}
+
+and writes ``DIR/<name>.rank<R>.json`` per phase: the SHA-256 of that rank's final weights, the
+steps it reports, the sample keys its data loader asked for (the keys encode the step, see
+:class:`~MoMESegmentationLib.training.datasets.StepSampler`), so a test can tell which steps a
+phase actually trained, and the SHA-256 of the weights it validated and checkpointed. Rank 0
+also copies the phase's resume state to ``DIR/<name>.state.safetensors``. A phase with
+``"refused": true`` is expected to stop with a ``MoMEError``, whose message is recorded instead.
 """
 
 from __future__ import annotations
@@ -55,22 +66,98 @@ def make_embedding_cache(path: Path, structures: list[str], synonyms: int = 1) -
     return path
 
 
+class KeyRecorder:
+    """Records the sample keys that ``TrainingSamples`` is asked for, while installed."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+
+    def __enter__(self) -> KeyRecorder:
+        from MoMESegmentationLib.training.datasets import TrainingSamples
+
+        self._original = TrainingSamples.__getitem__
+        recorder = self
+
+        def getitem(samples, key):
+            recorder.keys.append(int(key))
+            return recorder._original(samples, key)
+
+        TrainingSamples.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from MoMESegmentationLib.training.datasets import TrainingSamples
+
+        TrainingSamples.__getitem__ = self._original
+
+
+class WeightsSeen:
+    """Records the weights (SHA-256) that ``Trainer.validate`` scores and ``Trainer`` checkpoints, while installed."""
+
+    def __init__(self) -> None:
+        self.validated: list[dict] = []
+        self.checkpointed: dict[int, str] = {}
+
+    def __enter__(self) -> WeightsSeen:
+        from MoMESegmentationLib.training.trainer import Trainer, state_hash
+
+        self._originals = Trainer.validate, Trainer._save_checkpoint
+        validate, save_checkpoint = self._originals
+        seen = self
+
+        def validating(trainer, model, *args, **kwargs):
+            seen.validated.append({"hash": state_hash(model), "training": model.training})
+            return validate(trainer, model, *args, **kwargs)
+
+        def checkpointing(trainer, path, model, prompts, structures, step, *args, **kwargs):
+            seen.checkpointed[int(step)] = state_hash(model)
+            return save_checkpoint(trainer, path, model, prompts, structures, step, *args, **kwargs)
+
+        Trainer.validate, Trainer._save_checkpoint = validating, checkpointing
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from MoMESegmentationLib.training.trainer import Trainer
+
+        Trainer.validate, Trainer._save_checkpoint = self._originals
+
+
 def main(argv: list[str]) -> int:
+    import shutil
+
     import torch
 
+    from MoMESegmentationLib.errors import MoMEError
     from MoMESegmentationLib.training.config import config_from_dict
-    from MoMESegmentationLib.training.trainer import Trainer, state_hash
+    from MoMESegmentationLib.training.trainer import RESUME_DIR, RESUME_TENSORS, Trainer, state_hash
 
-    config_path, out_dir, steps = Path(argv[0]), Path(argv[1]), int(argv[2])
+    plan = json.loads(Path(argv[0]).read_text())
+    out = Path(plan["out"])
     torch.set_num_threads(1)
-    config = config_from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    trainer = Trainer(config, device="cpu", stop_step=steps)
+    trainer = None
     try:
-        trainer.fit()
-        result = {"rank": trainer.rank, "world_size": trainer.world_size, "hash": state_hash(trainer.model)}
+        for phase in plan["phases"]:
+            config_path = Path(phase["config"])
+            config = config_from_dict(json.loads(config_path.read_text()), source=str(config_path))
+            # The process group started by the first phase is reused by the later ones.
+            trainer = Trainer(config, device="cpu", stop_step=phase.get("stop_step"), resume=phase.get("resume", False))
+            record = {"rank": trainer.rank, "world_size": trainer.world_size}
+            with KeyRecorder() as recorder, WeightsSeen() as seen:
+                try:
+                    result = trainer.fit()
+                except MoMEError as error:
+                    if not phase.get("refused"):
+                        raise
+                    record["refused"] = str(error)
+                else:
+                    record.update(steps=result.steps, hash=state_hash(trainer.model))
+                    if trainer.is_main:  # the resume state (weights and AdamW moments) as this phase left it
+                        shutil.copy(trainer.output_dir / RESUME_DIR / RESUME_TENSORS, out / f"{phase['name']}.state.safetensors")
+            record.update(keys=recorder.keys, validated=seen.validated, checkpointed=seen.checkpointed)
+            (out / f"{phase['name']}.rank{trainer.rank}.json").write_text(json.dumps(record))
     finally:
-        trainer.close()
-    (out_dir / f"rank{result['rank']}.json").write_text(json.dumps(result))
+        if trainer is not None:
+            trainer.close()
     return 0
 
 

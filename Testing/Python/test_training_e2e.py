@@ -1,4 +1,4 @@
-"""End-to-end training on phantoms: learning, bit-identical resume, fine-tuning with new structures."""
+"""End-to-end training on phantoms: learning, resume after a kill, fine-tuning with new structures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("MoMESegmentationLib.data.phantoms")
 from ddp_worker import REPO_ROOT, TINY_CONFIG, make_embedding_cache, tiny_config_dict  # noqa: E402
 
 from MoMESegmentationLib.training.config import config_from_dict, load_config  # noqa: E402
-from MoMESegmentationLib.training.trainer import Trainer, state_hash  # noqa: E402
+from MoMESegmentationLib.training.trainer import Trainer  # noqa: E402
 
 STRUCTURES = ["liver", "spleen", "kidney_left", "kidney_right"]
 NEW_STRUCTURE = "urinary_bladder"
@@ -109,19 +109,122 @@ def test_validate_scores_a_checkpoint_like_training_did(trained, tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_resume_is_bit_identical(tmp_path, cache):
-    sections = {"schedule": {"max_steps": 4, "checkpoint_every": 2, "val_every": 0, "warmup_steps": 1},
-                "data": {"validation": {"phantoms": 0}}, "logging": {"plot": False, "progress": False}}
-    straight = Trainer(config_from_dict(tiny_config_dict(tmp_path / "a", cache, **sections)), device="cpu")
-    straight.fit()
-    interrupted = config_from_dict(tiny_config_dict(tmp_path / "b", cache, **sections))
-    Trainer(interrupted, device="cpu", stop_step=2).fit()
-    resumed = Trainer(interrupted, device="cpu", resume=True)
-    result = resumed.fit()
-    assert result.steps == 4
-    assert state_hash(resumed.model) == state_hash(straight.model)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps[-1] == 4
+class Interrupted(Exception):
+    """Stands in for a kill in the middle of a run."""
+
+
+RESUME_STEPS, RESUME_AT = 3, 1  # N scheduled steps; the interrupted run's last complete checkpoint
+RESUME_SECTIONS = {
+    # Every step logged and checkpointed, so the log and the resume state tell exactly which steps ran.
+    "schedule": {"max_steps": RESUME_STEPS, "checkpoint_every": 1, "val_every": 0, "warmup_steps": 1},
+    "logging": {"log_every": 1, "plot": False, "progress": False},
+    "data": {"datasets": [{"kind": "phantoms", "name": "phantoms", "n": 4, "seed": 0, "spacing_range": [6.0, 6.0],
+                           "random_orientation": True}], "validation": {"phantoms": 0}},
+    "transforms": {"patch_size": [64, 32, 32]},
+}
+
+
+def _cli(*argv: str) -> int:
+    from MoMESegmentationLib.training.cli import main
+
+    return main([*argv, "--device", "cpu"])
+
+
+def _log_lines(run) -> list[str]:
+    return (run / "log.jsonl").read_text().splitlines()
+
+
+def _resume_tensors(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "resume" / "state.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, cache):
+    """An uninterrupted run of N steps, and a run killed during step k+1 then resumed with ``--resume``.
+
+    The kill comes after step k+1 was logged but before its checkpoint was written, as a real kill
+    can: the resume state is at step k and the log already holds a record of step k+1.
+    """
+    from ddp_worker import KeyRecorder
+
+    root = tmp_path_factory.mktemp("resume")
+    configs = {}
+    for name in ("straight", "interrupted"):
+        configs[name] = root / f"{name}.json"
+        configs[name].write_text(json.dumps(tiny_config_dict(root / name, cache, **RESUME_SECTIONS)))
+    assert _cli(str(configs["straight"])) == 0
+
+    save_checkpoint = Trainer._save_checkpoint
+
+    def killed_at_next_checkpoint(self, path, model, prompts, structures, step, *args, **kwargs):
+        if step == RESUME_AT + 1:
+            raise Interrupted(step)
+        return save_checkpoint(self, path, model, prompts, structures, step, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", killed_at_next_checkpoint)
+        with pytest.raises(Interrupted):
+            _cli(str(configs["interrupted"]))
+    run = root / "interrupted"
+    before = {"log": _log_lines(run), "state": json.loads((run / "resume" / "state.json").read_text())}
+    with KeyRecorder() as recorder:
+        assert _cli(str(configs["interrupted"]), "--resume") == 0
+    return {"root": root, "configs": configs, "before": before, "keys": recorder.keys}
+
+
+def test_resume_trains_only_the_steps_after_the_checkpoint(resumed):
+    """The resumed run trains steps k+1..N and nothing else; a restart from step 0 fails here."""
+    before = resumed["before"]
+    assert before["state"]["step"] == RESUME_AT
+    assert [json.loads(line)["step"] for line in before["log"]] == list(range(1, RESUME_AT + 2))
+    # Step s draws sample key s - 1 (one process, batch 1): the resumed run drew keys k..N-1 only.
+    assert resumed["keys"] == list(range(RESUME_AT, RESUME_STEPS))
+    after = _log_lines(resumed["root"] / "interrupted")
+    assert [json.loads(line)["step"] for line in after] == list(range(1, RESUME_STEPS + 1))
+    # Records of steps <= k are the first run's, byte for byte (their wall-clock "seconds" included);
+    # the first run's record of the unfinished step k+1 was dropped and written again.
+    assert after[:RESUME_AT] == before["log"][:RESUME_AT]
+    assert after[RESUME_AT] != before["log"][RESUME_AT]
+
+
+def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(resumed):
+    import torch
+
+    root = resumed["root"]
+    straight, interrupted = _resume_tensors(root / "straight"), _resume_tensors(root / "interrupted")
+    assert sorted(straight) == sorted(interrupted)
+    assert any(name.startswith("optim.") for name in straight)
+    for name in straight:  # weights and AdamW moments
+        assert torch.equal(straight[name], interrupted[name]), name
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in _log_lines(run)]
+
+    assert logged(root / "interrupted") == logged(root / "straight")
+
+
+@pytest.mark.parametrize("section, value, named", [
+    ("seed", 1, ["schedule.seed 0", "schedule.seed 1"]),
+    ("batch_size", 2, ["batch 1", "batch 2"]),
+])
+def test_resume_refuses_a_state_that_another_seed_or_batch_wrote(resumed, capsys, section, value, named):
+    """Another seed (or batch) draws other samples from the resumed step on: refused, folder untouched."""
+    root = resumed["root"]
+    raw = json.loads(resumed["configs"]["interrupted"].read_text())
+    raw["schedule"][section] = value
+    config = root / f"other_{section}.json"
+    config.write_text(json.dumps(raw))
+    run = root / "interrupted"
+    files = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    capsys.readouterr()
+    assert _cli(str(config), "--resume") == 2
+    message = capsys.readouterr().err
+    assert "resume/state.json" in message
+    for text in named:
+        assert text in message, message
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()} == files
 
 
 @pytest.mark.slow
