@@ -431,7 +431,8 @@ class Segmenter:
         image, padding = pad_to_window(image, self.patch_size, truncated_sides(image > 0), self.pad_mode)
         tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
         digest = hashlib.blake2b(tensor.numpy().tobytes(), digest_size=16)
-        digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path))).encode())
+        # Features depend on the masking of padded voxels too (model.masked_norm).
+        digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path), self.mask_padding)).encode())
         return Preprocessed(tensor, canonical_record, resample_record, tuple(hu.shape), body_box,
                             digest.hexdigest(), padding)
 
