@@ -602,11 +602,15 @@ class Segmenter:
         best = torch.zeros(volume.shape, dtype=torch.float32, device=post)
         labelmap = torch.zeros(volume.shape, dtype=torch.int32, device=post)
         inner = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, context))
+        touching = None if roi is None else _roi_voxels(volume, roi, box)
+        touching = None if touching is None else torch.from_numpy(touching).to(post)
         for index, plan in enumerate(plans):
             if cancel is not None:
                 cancel.raise_if_cancelled()
             full = torch.zeros(volume.shape, dtype=torch.float32, device=post)
             full[box] = self._to_input_grid(logits[index], prep, sub.shape)[inner]
+            if touching is not None:
+                full[box] *= touching
             mask = full >= self.threshold
             if largest_component and bool(mask.any()):
                 mask = torch.from_numpy(_largest_component(mask.cpu().numpy())).to(post)
@@ -738,6 +742,26 @@ def _roi_box(volume: Volume, roi) -> tuple[slice, slice, slice]:
     if np.any(stop - start < 2):
         raise InputError(f"ROI {corners.tolist()} does not overlap {volume.name or 'the volume'}")
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+
+
+def _roi_voxels(volume: Volume, roi, box: tuple[slice, slice, slice]) -> np.ndarray | None:
+    """Which voxels of the ROI's index ``box`` touch the LPS box ``roi``; None when all of them do.
+
+    A voxel touches the ROI when its extent (the LPS-aligned box around it) overlaps the ROI. The
+    index box holds exactly these voxels when the volume's axes follow LPS; an oblique volume's index
+    box also holds voxels outside the ROI, up to centimetres away.
+    """
+    if np.allclose(np.abs(volume.direction).max(axis=0), 1.0, atol=1e-6):
+        return None
+    corners = np.asarray(roi, dtype=np.float64)
+    low, high = np.minimum(corners[0], corners[1]), np.maximum(corners[0], corners[1])
+    half = 0.5 * np.abs(volume.direction) @ volume.spacing
+    j, k = np.meshgrid(np.arange(box[1].start, box[1].stop), np.arange(box[2].start, box[2].stop), indexing="ij")
+    inside = np.empty([s.stop - s.start for s in box], dtype=bool)
+    for n, i in enumerate(range(box[0].start, box[0].stop)):  # one slice at a time bounds the memory
+        points = volume.index_to_physical(np.stack([np.full(j.shape, i), j, k], axis=-1))
+        inside[n] = np.all((points + half > low) & (points - half < high), axis=-1)
+    return inside
 
 
 def _context_box(volume: Volume, box: tuple[slice, slice, slice], extent_mm: float) -> tuple[slice, slice, slice]:
