@@ -11,7 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_fixtures import make_ct, make_tiny_checkpoint
+from engine_fixtures import (
+    ORGAN_HU,
+    IntensityNetwork,
+    grid_centres,
+    in_box,
+    make_ct,
+    make_phantom,
+    make_tiny_checkpoint,
+    never,
+    step,
+)
 from MoMESegmentationLib.cli import main
 from MoMESegmentationLib.io.readers import read_volume, write_volume
 
@@ -83,9 +93,11 @@ def test_batch_into_folder(checkpoint, ct_file, tmp_path, capsys):
         ("exists", "already exists"),
         ("bad_roi", "six numbers"),
         ("not_an_image", "ct.txt"),
+        ("no_gpu", "no CUDA GPU is available"),
     ],
 )
-def test_bad_input_one_line_error_and_nothing_written(case, message, checkpoint, ct_file, tmp_path, capsys):
+def test_bad_input_one_line_error_and_nothing_written(case, message, checkpoint, ct_file, tmp_path, capsys,
+                                                      monkeypatch):
     out = tmp_path / "out.nii.gz"
     args = ["segment", ct_file, "-p", "liver", "-o", out, "--model", checkpoint, "--device", "cpu", "--quiet"]
     if case == "missing_input":
@@ -104,6 +116,11 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, checkpoint,
         bogus = tmp_path / "ct.txt"
         bogus.write_text("hello")
         args[1] = bogus
+    elif case == "no_gpu":
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        args[args.index("--device") + 1] = "cuda"
     before = sorted(p.name for p in tmp_path.iterdir())
     code, stdout, stderr = run(args, capsys)
     assert code == 2
@@ -116,9 +133,10 @@ def test_bad_input_one_line_error_and_nothing_written(case, message, checkpoint,
 
 
 def test_failure_during_write_leaves_nothing(checkpoint, ct_file, tmp_path, capsys, monkeypatch):
-    import MoMESegmentationLib.outputs as outputs
+    calls = []
 
     def broken(*args, **kwargs):
+        calls.append(args)
         raise OSError("disk full")
 
     monkeypatch.setattr("MoMESegmentationLib.io.readers.write_labelmap", broken)
@@ -128,7 +146,55 @@ def test_failure_during_write_leaves_nothing(checkpoint, ct_file, tmp_path, caps
               "--device", "cpu", "--quiet"])
     assert not out.exists() and not (tmp_path / "seg.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mome-tmp")]
-    assert outputs  # imported for the monkeypatch target
+    assert len(calls) == 1, "the failure must come from writing the label map"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".seg.nrrd"])
+def test_segment_writes_the_organ_where_it_is(checkpoint, tmp_path, capsys, monkeypatch, suffix):
+    """With known probabilities (a fault-injection stub in place of the network: the organ is whatever
+    exceeds 75 HU), the written file puts the organ on the LPS box of a flipped phantom, and the JSON
+    reports it found and the other structure not found, with its rule."""
+    from MoMESegmentationLib.engine import Segmenter
+    from MoMESegmentationLib.io.segmentation import read_segmentation
+
+    install = Segmenter.__init__
+
+    def with_stub(self, *args, **kwargs):
+        install(self, *args, **kwargs)
+        self.model = IntensityNetwork(self, {"liver": step(ORGAN_HU / 2), "spleen": never})
+
+    monkeypatch.setattr(Segmenter, "__init__", with_stub)
+    centre = np.array([-40.0, 25.0, 310.0])
+    low, high = centre + [-10.0, -30.0, -20.0], centre + [40.0, 20.0, 30.0]
+    ct = tmp_path / "ct.nrrd"
+    write_volume(make_phantom((40, 36, 30), (4.0, 4.5, 5.0), np.diag([-1.0, 1.0, -1.0]), centre,
+                              [(low, high, ORGAN_HU)]), ct)
+    out = tmp_path / f"seg{suffix}"
+    code, _, stderr = run(["segment", ct, "-p", "liver, spleen", "-o", out, "--model", checkpoint,
+                           "--device", "cpu", "--quiet", "--no-anatomy-guard"], capsys)
+    assert code == 0, stderr
+
+    if suffix == ".seg.nrrd":
+        seg = read_segmentation(out)
+        assert [s.name for s in seg.segments] == ["Liver"]
+        grid, liver = seg.reference, seg.segments[0].mask
+    else:
+        grid = read_volume(out)
+        assert set(np.unique(grid.array)) == {0, 1}
+        liver = grid.array == 1
+    points = grid_centres(grid.shape, grid.spacing, grid.origin, grid.direction)
+    truth = in_box(points, low, high)
+    margin = 5.0 + 6.0  # the phantom's coarsest spacing and the model's
+    assert liver[in_box(points, low, high, -margin)].all()
+    assert not liver[~in_box(points, low, high, margin)].any()
+    np.testing.assert_allclose(points[liver].mean(axis=0), points[truth].mean(axis=0), atol=2.0)
+
+    summary = json.loads(out.with_name("seg.json").read_text())
+    liver_row, spleen_row = summary["structures"]
+    assert liver_row["found"] and liver_row["rule"] == "" and liver_row["label"] == 1
+    assert liver_row["volume_ml"] == pytest.approx(truth.sum() * 4.0 * 4.5 * 5.0 / 1000, rel=0.15)
+    assert not spleen_row["found"] and spleen_row["rule"] == "empty" and spleen_row["volume_ml"] == 0
+    assert summary["anatomy_guard"] is False
 
 
 def test_evaluate_writes_csv_and_png(tmp_path, capsys):

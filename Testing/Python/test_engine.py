@@ -1,4 +1,9 @@
-"""Segmenter: exact output grid, feature cache, cancel, ROI, modality guard and bad input."""
+"""Segmenter: feature cache, cancel, ROI, modality guard, bad input, batches, out-of-memory, free text, devices.
+
+The output grid and the rules on the masks are checked with known probabilities in
+test_postprocessing.py; here the tiny random-weight model runs the real network where its numbers
+matter (batches, the cache), and the fault-injection stub where only the engine's control flow does.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from engine_fixtures import TINY_STRUCTURES, make_ct, make_tiny_checkpoint, random_rotation
-from MoMESegmentationLib.engine import CancelToken, Segmenter, check_ct_like
-from MoMESegmentationLib.errors import Cancelled, CheckpointError, InputError, PromptError
+from engine_fixtures import TINY_STRUCTURES, IntensityNetwork, make_ct, make_tiny_checkpoint, never, step
+from MoMESegmentationLib.engine import CancelToken, Segmenter, check_ct_like, resolve_device
+from MoMESegmentationLib.errors import Cancelled, CheckpointError, InputError, MoMEError, PromptError
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -23,36 +30,13 @@ def segmenter(checkpoint):
     return Segmenter(checkpoint, device="cpu")
 
 
-@pytest.mark.parametrize(
-    "direction, spacing, shape",
-    [
-        (np.eye(3), (4.0, 4.0, 4.0), (40, 36, 30)),
-        (np.diag([-1.0, 1.0, -1.0]), (3.0, 5.5, 7.0), (37, 41, 23)),  # flips, anisotropic, odd sizes
-        (np.eye(3)[:, [2, 0, 1]], (5.0, 4.0, 6.0), (25, 40, 33)),  # permuted axes
-        ("oblique", (4.2, 3.9, 6.1), (35, 38, 27)),
-    ],
-)
-def test_output_on_exact_input_grid(segmenter, direction, spacing, shape):
-    if isinstance(direction, str):
-        direction = random_rotation(np.random.default_rng(3))
-    volume = make_ct(shape=shape, spacing=spacing, direction=direction)
-    result = segmenter.segment(volume, "liver, spleen")
-    assert result.labelmap.shape == volume.shape
-    assert result.reference.same_grid(volume)
-    assert all(m.shape == volume.shape for m in result.masks)
-    labelled = result.labelmap_volume()
-    np.testing.assert_array_equal(labelled.direction, volume.direction)
-    np.testing.assert_array_equal(labelled.origin, volume.origin)
-    np.testing.assert_array_equal(labelled.spacing, volume.spacing)
-
-
 def test_cached_features_give_same_masks_as_full_run(checkpoint):
     volume = make_ct()
     cached = Segmenter(checkpoint, device="cpu")
     cached.segment(volume, "liver, spleen, left kidney")
     encode_calls = []
     original = cached.model.encode
-    cached.model.encode = lambda x: encode_calls.append(1) or original(x)
+    cached.model.encode = lambda *args, **kwargs: encode_calls.append(1) or original(*args, **kwargs)
     second = cached.segment(volume, "right kidney, spleen", probabilities=True)
     assert encode_calls == [], "a new prompt on the same volume must not rerun the backbone"
 
@@ -153,15 +137,6 @@ def test_nan_voxels_are_refused(segmenter):
         segmenter.segment(volume, "liver")
 
 
-def test_overlaps_go_to_the_higher_probability(segmenter):
-    result = segmenter.segment(make_ct(), "liver, spleen", probabilities=True, min_volume_ml=0, min_confidence=0)
-    both = result.masks[0] & result.masks[1]
-    if both.any():
-        higher = np.where(result.probabilities[0] >= result.probabilities[1], 1, 2)
-        np.testing.assert_array_equal(result.labelmap[both], higher[both])
-    assert set(np.unique(result.labelmap)) <= {0, 1, 2}
-
-
 def test_structures_known_to_the_model(segmenter):
     assert segmenter.structures == TINY_STRUCTURES
     assert not segmenter.free_text
@@ -200,3 +175,209 @@ def test_fast_mode_resamples_within_the_training_zoom_range(segmenter):
     np.testing.assert_allclose(np.asarray(normal) / np.asarray(fast), FAST_SPACING_FACTOR, rtol=0.05)
     result = segmenter.segment(volume, "liver", fast=True)
     assert result.labelmap.shape == volume.shape
+
+
+# ------------------------------------------------------------------------------ batches and memory
+def _above_threshold(result, threshold=0.5, guard=1e-4):
+    """Per structure: (probability >= threshold, voxels far enough from it to compare across runs)."""
+    return [(p >= threshold, np.abs(p - threshold) > guard) for p in result.probabilities]
+
+
+def test_batches_of_windows_give_the_result_of_one_at_a_time(checkpoint, monkeypatch):
+    """The random network on two windows of a scan padded to the window (so the valid-voxel masks are
+    batched too), one at a time and both at once: same probabilities (to float rounding, far below how
+    much they vary over the volume). Larger and ragged batches are in the out-of-memory test."""
+    segmenter = Segmenter(checkpoint, device="cpu", cache_features=False)
+    volume = make_ct(shape=(20, 40, 16), spacing=(6.0, 6.0, 6.0), seed=7)
+    batches = []
+    encode = segmenter.model.encode
+    monkeypatch.setattr(segmenter.model, "encode", lambda image, *a, **k: batches.append(image.shape[0])
+                        or encode(image, *a, **k))
+    results = {}
+    for size in (1, 2):
+        segmenter.sw_batch_size = size
+        results[size] = segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    assert batches == [1, 1, 2]
+    for one, two in zip(results[1].probabilities, results[2].probabilities):
+        assert one.std() > 1e-4
+        np.testing.assert_allclose(two, one, rtol=0, atol=2e-6)
+    for (one, sure), (two, _) in zip(_above_threshold(results[1]), _above_threshold(results[2])):
+        np.testing.assert_array_equal(two[sure], one[sure])
+    np.testing.assert_array_equal(results[2].labelmap, results[1].labelmap)
+
+
+@pytest.fixture()
+def stub_segmenter(checkpoint):
+    return Segmenter(checkpoint, device="cpu")
+
+
+def test_out_of_memory_retries_with_smaller_batches(stub_segmenter, caplog):
+    """CUDA out-of-memory (simulated on the CPU for batches of more than one window) halves the batch
+    until it fits; the result is the one of a normal run. Normal runs of 1, 2 and 4 windows per batch
+    (six windows: the last batch of four is ragged) agree too; the stub's features are the windows
+    themselves, so a window's features filed under another window's key would show."""
+    volume = make_ct(shape=(30, 90, 60), spacing=(4.0, 4.0, 4.0))
+    rules = {"liver": step(70.0), "spleen": never}
+    runs = {}
+    for size, batches in ((1, [1] * 6), (2, [2, 2, 2]), (4, [4, 2])):
+        stub_segmenter.clear_cache()
+        stub_segmenter.model = normal = IntensityNetwork(stub_segmenter, rules)
+        stub_segmenter.sw_batch_size = size
+        runs[size] = stub_segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+        assert normal.encoded == normal.decoded == batches
+    expected = runs[1]
+    assert expected.structures[0].found and 0 < expected.masks[0].mean() < 0.5
+    for size in (2, 4):
+        for a, b in zip(runs[size].probabilities, expected.probabilities):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(runs[size].labelmap, expected.labelmap)
+
+    stub_segmenter.clear_cache()
+    stub_segmenter.model = tight = IntensityNetwork(stub_segmenter, rules, oom_above=1)
+    stub_segmenter.sw_batch_size = 4
+    with caplog.at_level("WARNING", logger="MoMESegmentationLib.engine"):
+        result = stub_segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    assert tight.encoded == [4, 2] + [1] * 6
+    retries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(retries) == 2 and "2 window(s)" in retries[0] and "1 window(s)" in retries[1]
+    for a, b in zip(result.probabilities, expected.probabilities):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(result.labelmap, expected.labelmap)
+    assert [s.to_json() for s in result.structures] == [s.to_json() for s in expected.structures]
+
+    # Out of memory even for one window at a time: a clear error, not an endless loop.
+    stub_segmenter.clear_cache()
+    stub_segmenter.model = IntensityNetwork(stub_segmenter, rules, oom_above=0)
+    with pytest.raises(MoMEError, match="out of GPU memory even with one window"):
+        stub_segmenter.segment(volume, "liver", anatomy_guard=False)
+
+
+# ------------------------------------------------------------------------------------------- cancel
+def test_cancel_during_postprocessing_keeps_a_valid_feature_cache(segmenter, monkeypatch):
+    volume = make_ct(seed=11)
+    token = CancelToken()
+    stages = []
+
+    def progress(fraction, stage, message):
+        stages.append(stage)
+        if stage == "postprocessing":
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False,
+                          progress=progress, cancel=token)
+    assert "inference" in stages and stages[-1] == "postprocessing"
+
+    encoded = []
+    encode = segmenter.model.encode
+    monkeypatch.setattr(segmenter.model, "encode", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    again = segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    assert encoded == [], "the features computed before the cancel must be reused"
+    segmenter.clear_cache()
+    fresh = segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    assert encoded == [1]
+    for a, b in zip(again.probabilities, fresh.probabilities):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_array_equal(again.labelmap, fresh.labelmap)
+
+
+# ---------------------------------------------------------------------------------------- free text
+@pytest.fixture(scope="module")
+def free_text_segmenter(tmp_path_factory):
+    return Segmenter(make_tiny_checkpoint(tmp_path_factory.mktemp("free"), free_text=True), device="cpu")
+
+
+def test_free_text_prompt_reaches_the_network_as_its_own_embedding(free_text_segmenter, monkeypatch):
+    """A prompt that names no structure is matched to the nearest one for its name and colour, but the
+    heads get the prompt's own text embedding (a model with a text encoder segments what was typed)."""
+    segmenter = free_text_segmenter
+    stub = IntensityNetwork(segmenter, {"spleen": never, None: step(70.0)})
+    monkeypatch.setattr(segmenter, "model", stub)
+    result = segmenter.segment(make_ct(), "spleen, kidney stone", anatomy_guard=False)
+
+    typed = segmenter.text_encoder.encode(["kidney stone"]).float().cpu()[0]
+    similarities = torch.nn.functional.cosine_similarity(typed[None], segmenter.structure_embeddings, dim=-1)
+    nearest = TINY_STRUCTURES[int(similarities.argmax())]
+    sent = stub.embeddings[-1]
+    torch.testing.assert_close(sent[0], segmenter.structure_embeddings[TINY_STRUCTURES.index("spleen")])
+    torch.testing.assert_close(sent[1], typed)
+    assert not torch.allclose(sent[1], segmenter.structure_embeddings[TINY_STRUCTURES.index(nearest)])
+
+    spleen, stone = result.structures
+    assert spleen.found is False and spleen.rule == "empty"
+    assert stone.found and stone.name == "kidney stone" and stone.prompt == "kidney stone"
+    assert stone.match == stone.id == nearest
+    assert stone.similarity == pytest.approx(float(similarities.max()), abs=1e-5) and stone.similarity < 0.99
+    assert stone.terminology is None
+    assert set(np.unique(result.labelmap)) == {0, 2}
+
+
+# ------------------------------------------------------------------------------------------ devices
+def test_device_resolution_without_a_gpu(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(MoMEError, match="no CUDA GPU is available"):
+            resolve_device(device)
+    with pytest.raises(MoMEError, match="not understood"):
+        resolve_device("gpu")
+    with pytest.raises(MoMEError, match="no CUDA GPU is available"):
+        Segmenter(checkpoint, device="cuda")
+    cpu = Segmenter(checkpoint, device="auto")
+    assert cpu.device == torch.device("cpu") and cpu._choose_batch() == 1
+    assert cpu.model_info()["device"] == "cpu"
+
+
+def test_device_resolution_with_too_few_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(MoMEError, match="does not exist: 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_in_float32_gives_the_cpu_result(checkpoint, segmenter, monkeypatch):
+    """The random network on the GPU (GPU stitching and post-processing) against the CPU, both in
+    float32: autocast and TF32 are switched off so that only the device differs. The engine's own
+    half precision is run with known probabilities in test_postprocessing.py."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu = Segmenter(checkpoint, device="cuda")
+        assert gpu.device.type == "cuda" and gpu._choose_batch() >= 1
+        monkeypatch.setattr(gpu, "_autocast", lambda: torch.autocast("cuda", enabled=False))
+        volume = make_ct(shape=(20, 40, 16), spacing=(6.0, 6.0, 6.0), seed=7)
+        on_gpu = gpu.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+        on_cpu = segmenter.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+        for a, b in zip(on_gpu.probabilities, on_cpu.probabilities):
+            assert a.dtype == np.float32 and b.std() > 1e-4
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        for (a, sure), (b, _) in zip(_above_threshold(on_cpu), _above_threshold(on_gpu)):
+            np.testing.assert_array_equal(b[sure], a[sure])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for a, b in zip(on_gpu.structures, on_cpu.structures):
+        assert (a.found, a.rule) == (b.found, b.rule)
+        assert a.mean_probability == pytest.approx(b.mean_probability, abs=1e-5)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_out_of_memory_falls_back_to_smaller_batches_and_cpu_stitching(checkpoint):
+    volume = make_ct(shape=(30, 90, 60), spacing=(4.0, 4.0, 4.0))
+    rules = {"liver": step(70.0), "spleen": never}
+    gpu = Segmenter(checkpoint, device="cuda", sw_batch_size=1)
+    gpu.model = IntensityNetwork(gpu, rules)
+    expected = gpu.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    gpu.clear_cache()
+    gpu.sw_batch_size = 4
+    gpu.model = tight = IntensityNetwork(gpu, rules, oom_above=1)
+    result = gpu.segment(volume, "liver, spleen", probabilities=True, anatomy_guard=False)
+    assert tight.encoded == [4, 2] + [1] * 6 and expected.structures[0].found
+    for a, b in zip(result.probabilities, expected.probabilities):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(result.labelmap, expected.labelmap)

@@ -1,0 +1,348 @@
+"""Post-processing with known probabilities: the rules on the masks change the answer where they should.
+
+The tiny random-weight models find nothing, so every rule applied to their masks (minimum size and
+confidence, overlaps, largest component, ROI clipping) would pass unnoticed when broken. Here the
+network is replaced by a fault-injection stub (:class:`engine_fixtures.IntensityNetwork`) whose logits
+are chosen functions of the Hounsfield units, and the phantoms hold boxes at known LPS positions.
+Every expected answer is computed from the phantom's own definition (voxel centres in millimetres),
+never from the engine's result or its input volume. The phantoms are not real anatomy, so the
+anatomy guard is off except where it is the subject.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import (
+    TISSUE_HU,
+    ORGAN_HU,
+    IntensityNetwork,
+    centred_grid,
+    grid_centres,
+    in_box,
+    make_phantom,
+    make_tiny_checkpoint,
+    never,
+    random_rotation,
+    step,
+)
+from MoMESegmentationLib.engine import Segmenter
+from MoMESegmentationLib.errors import InputError
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: The stub model's grid (mm): finer than the random-weight tests' 6 mm so that 16 mm boxes survive.
+MODEL_SPACING = 3.0
+#: Half way between soft tissue and the organ boxes: the boundary the stub draws lies half way too.
+LEVEL = (TISSUE_HU + ORGAN_HU) / 2
+CENTRE = np.array([-40.0, 25.0, 310.0])  # LPS mm; the phantoms are centred here
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    return Segmenter(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), spacing=MODEL_SPACING), device="cpu")
+
+
+@pytest.fixture
+def network(segmenter, monkeypatch):
+    """``network(rules, ...)`` puts an :class:`IntensityNetwork` in place of the model for one test."""
+
+    def install(rules: dict, **kwargs) -> IntensityNetwork:
+        stub = IntensityNetwork(segmenter, rules, **kwargs)
+        monkeypatch.setattr(segmenter, "model", stub)
+        segmenter.clear_cache()
+        return stub
+
+    yield install
+    segmenter.clear_cache()
+
+
+def box(offset_low, offset_high):
+    """An LPS box given relative to :data:`CENTRE`."""
+    return CENTRE + np.asarray(offset_low, float), CENTRE + np.asarray(offset_high, float)
+
+
+def margin(volume) -> float:
+    """How far (mm) from a box face the stub's boundary may land after both resamplings."""
+    return float(max(volume.spacing)) + MODEL_SPACING
+
+
+def centres(result) -> np.ndarray:
+    """Voxel centres (LPS mm) of the result's grid, from its own geometry fields."""
+    ref = result.labelmap_volume()
+    return grid_centres(ref.shape, ref.spacing, ref.origin, ref.direction)
+
+
+def box_ml(low, high) -> float:
+    return float(np.prod(np.asarray(high) - np.asarray(low))) / 1000.0
+
+
+GEOMETRIES = {
+    "identity": (np.eye(3), (4.0, 4.0, 4.0), (40, 36, 30)),
+    "flipped": (np.diag([-1.0, 1.0, -1.0]), (3.0, 5.5, 7.0), (37, 41, 23)),  # anisotropic, odd sizes
+    "permuted": (np.eye(3)[:, [2, 0, 1]], (5.0, 4.0, 6.0), (25, 40, 33)),
+    "oblique": ("oblique", (4.2, 3.9, 6.1), (35, 38, 27)),
+}
+
+
+def geometry(name):
+    direction, spacing, shape = GEOMETRIES[name]
+    if isinstance(direction, str):
+        direction = random_rotation(np.random.default_rng(3))
+    return direction, spacing, shape
+
+
+# ------------------------------------------------------------------------------------------ geometry
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_result_lands_on_the_known_physical_box(segmenter, network, name):
+    """A 40 mm organ placed off-centre at known LPS coordinates comes back there, on the input grid."""
+    direction, spacing, shape = geometry(name)
+    low, high = box((-10, -25, -5), (30, 15, 35))
+    volume = make_phantom(shape, spacing, direction, CENTRE, [(low, high, ORGAN_HU)])
+    network({"liver": step(LEVEL)})
+    result = segmenter.segment(volume, "liver", anatomy_guard=False)
+
+    # The output grid is the one the phantom was defined on.
+    labelled = result.labelmap_volume()
+    assert result.labelmap.shape == result.masks[0].shape == tuple(shape)
+    np.testing.assert_allclose(labelled.spacing, spacing)
+    np.testing.assert_allclose(labelled.direction, direction)
+    np.testing.assert_allclose(labelled.origin, centred_grid(shape, spacing, direction, CENTRE), atol=1e-9)
+    # The organ is where the phantom put it: the box sampled on that grid.
+    points = grid_centres(shape, spacing, centred_grid(shape, spacing, direction, CENTRE), direction)
+    truth = in_box(points, low, high)
+    mask = result.masks[0]
+    m = margin(volume)
+    assert mask[in_box(points, low, high, -m)].all(), "voxels well inside the box are missing"
+    assert not mask[~in_box(points, low, high, m)].any(), "voxels well outside the box are labelled"
+    np.testing.assert_array_equal(result.labelmap, mask.astype(np.uint8))
+    # The volume and the centre of mass match the box's (a flip or a shifted origin moves them by cm).
+    assert result.structures[0].found
+    assert result.structures[0].voxels == pytest.approx(truth.sum(), rel=0.1)
+    np.testing.assert_allclose(points[mask].mean(axis=0), points[truth].mean(axis=0), atol=1.0)
+    np.testing.assert_allclose(points[truth].mean(axis=0), (low + high) / 2, atol=max(spacing) / 2)
+
+
+# ------------------------------------------------------------------------------ size and confidence
+@pytest.mark.parametrize("min_volume_ml, found", [(10.0, False), (1.0, True)])
+def test_minimum_size_decides_found(segmenter, network, min_volume_ml, found):
+    low, high = box((-8, -8, -8), (8, 8, 8))  # 4.1 mL
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), boxes=[(low, high, ORGAN_HU)], centre=CENTRE)
+    network({"liver": step(LEVEL)})
+    result = segmenter.segment(volume, "liver", anatomy_guard=False, min_volume_ml=min_volume_ml,
+                               min_confidence=0.0)
+    structure = result.structures[0]
+    assert structure.found is found
+    if found:
+        assert structure.rule == "" and structure.note == ""
+        assert structure.volume_ml == pytest.approx(box_ml(low, high), rel=0.3)
+        assert result.masks[0].sum() == structure.voxels > 0
+        assert (result.labelmap == 1).sum() == structure.voxels
+    else:
+        assert structure.rule == "size"
+        assert structure.note.startswith(f"smaller than {min_volume_ml:g} mL (")
+        assert structure.voxels == 0 and structure.volume_ml == 0.0
+        assert not result.masks[0].any() and not result.labelmap.any()
+
+
+@pytest.mark.parametrize("min_confidence, found", [(None, False), (0.5, True)])
+def test_minimum_confidence_decides_found(segmenter, network, min_confidence, found):
+    """A large organ at probability sigmoid(0.3) = 0.57 is not found at the default 0.6, found at 0.5."""
+    low, high = box((-20, -20, -20), (20, 20, 20))
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), boxes=[(low, high, ORGAN_HU)], centre=CENTRE)
+    network({"liver": step(LEVEL, inside=0.3)})
+    options = {} if min_confidence is None else {"min_confidence": min_confidence}
+    result = segmenter.segment(volume, "liver", anatomy_guard=False, **options)
+    structure = result.structures[0]
+    assert 0.5 <= structure.mean_probability <= 1 / (1 + math.exp(-0.3)) + 1e-6
+    assert structure.found is found
+    if found:
+        assert structure.rule == "" and structure.volume_ml > 0.5 * box_ml(low, high)
+        assert result.labelmap.any()
+    else:
+        assert structure.rule == "confidence"
+        assert structure.note == f"mean probability {structure.mean_probability:.2f} below 0.6"
+        assert not result.masks[0].any() and not result.labelmap.any()
+
+
+def test_rules_and_notes_of_structures_not_found(segmenter, network):
+    """One run, one structure per rule; a structure that is not found takes no voxels of the label map,
+    not even where its probability is the highest."""
+    big_low, big_high = box((-25, -25, -20), (25, 25, 30))
+    small_low, small_high = box((-10, -10, -10), (10, 10, 10))  # 8 mL inside the big box, brighter still
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), centre=CENTRE,
+                          boxes=[(big_low, big_high, ORGAN_HU), (small_low, small_high, 250.0)])
+    network({
+        "liver": step(LEVEL, inside=4.0),  # the big box, p = 0.982
+        "spleen": never,
+        "kidney_left": step(200.0, inside=12.0),  # the small box only, p ~ 1: wins wherever it is found
+        "kidney_right": step(LEVEL, inside=0.3),  # the big box, p = 0.57
+    })
+    prompts = "liver, spleen, left kidney, right kidney"
+    strict = segmenter.segment(volume, prompts, anatomy_guard=False, min_volume_ml=20.0)
+    assert [s.rule for s in strict.structures] == ["", "empty", "size", "confidence"]
+    assert [s.found for s in strict.structures] == [True, False, False, False]
+    notes = [s.note for s in strict.structures]
+    assert notes[0] == "" and notes[1] == "no voxels above threshold"
+    assert notes[2].startswith("smaller than 20 mL") and notes[3].startswith("mean probability 0.5")
+    for s, mask in zip(strict.structures[1:], strict.masks[1:]):
+        assert not mask.any() and s.voxels == 0 and s.volume_ml == 0.0
+    assert set(np.unique(strict.labelmap)) == {0, 1}
+    points = centres(strict)
+    assert (strict.labelmap[in_box(points, small_low, small_high)] == 1).all()
+    summary = strict.summary()["structures"]
+    assert [s["rule"] for s in summary] == ["", "empty", "size", "confidence"]
+    assert summary[2]["note"] == notes[2] and summary[2]["found"] is False
+
+    lenient = segmenter.segment(volume, prompts, anatomy_guard=False, min_volume_ml=1.0, min_confidence=0.5)
+    assert [s.rule for s in lenient.structures] == ["", "empty", "", ""]
+    inside_small = in_box(points, small_low, small_high, -margin(volume))
+    assert inside_small.any() and (lenient.labelmap[inside_small] == 3).all()
+    assert (lenient.labelmap[in_box(points, big_low, big_high, -margin(volume)) & ~in_box(
+        points, small_low, small_high, margin(volume))] == 1).all()  # 0.982 beats 0.57
+
+
+# ----------------------------------------------------------------------------------------- overlaps
+def test_overlaps_go_to_the_more_probable_structure_per_voxel(segmenter, network):
+    """Two structures cover the same box; which is more probable changes along x. The label map follows
+    the probability voxel by voxel, and each structure keeps its whole mask."""
+    low, high = box((-30, -20, -20), (30, 20, 20))
+    ramp = lambda p: 50.0 + 150.0 * (p[:, 0] - low[0]) / (high[0] - low[0])  # noqa: E731  50..200 HU along x
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), centre=CENTRE, boxes=[(low, high, ramp)])
+    middle = 125.0
+    network({
+        "liver": lambda hu: torch.where(hu > 25, 4 + (hu - middle) / 25, torch.full_like(hu, -8.0)),
+        "spleen": lambda hu: torch.where(hu > 25, 4 - (hu - middle) / 25, torch.full_like(hu, -8.0)),
+    })
+    result = segmenter.segment(volume, "liver, spleen", anatomy_guard=False, probabilities=True)
+    assert [s.found for s in result.structures] == [True, True]
+    liver, spleen = result.masks
+    p_liver, p_spleen = result.probabilities
+
+    # The label map is the more probable found structure in every voxel.
+    expected = np.zeros(volume.shape, np.uint8)
+    expected[liver] = 1
+    expected[spleen & (p_spleen > np.where(liver, p_liver, 0.0))] = 2
+    np.testing.assert_array_equal(result.labelmap, expected)
+
+    # Independently of the engine's probabilities: x beyond the middle is liver's, before it spleen's.
+    points = centres(result)
+    interior = in_box(points, low, high, -margin(volume))
+    x_middle = (low[0] + high[0]) / 2
+    liver_side = interior & (points[..., 0] > x_middle + margin(volume))
+    spleen_side = interior & (points[..., 0] < x_middle - margin(volume))
+    assert liver_side.sum() > 0.2 * interior.sum() and spleen_side.sum() > 0.2 * interior.sum()
+    assert (result.labelmap[liver_side] == 1).all()
+    assert (result.labelmap[spleen_side] == 2).all()
+    # Each structure keeps its own full mask, also where the other one wins the label map.
+    assert liver[interior].all() and spleen[interior].all()
+
+
+# ------------------------------------------------------------------------------- largest component
+@pytest.mark.parametrize("largest", [False, True])
+def test_largest_component_keeps_the_bigger_blob(segmenter, network, largest):
+    big_low, big_high = box((-40, -20, -20), (0, 20, 20))  # 64 mL
+    small_low, small_high = box((20, -12, -12), (44, 12, 12))  # 13.8 mL, 20 mm away
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), centre=CENTRE,
+                          boxes=[(big_low, big_high, ORGAN_HU), (small_low, small_high, ORGAN_HU)])
+    network({"liver": step(LEVEL)})
+    result = segmenter.segment(volume, "liver", anatomy_guard=False, largest_component=largest)
+    points, m = centres(result), margin(volume)
+    mask = result.masks[0]
+    assert mask[in_box(points, big_low, big_high, -m)].all()
+    small = in_box(points, small_low, small_high, -m)
+    assert small.any()
+    if largest:
+        assert not mask[in_box(points, small_low, small_high, m)].any()
+        assert result.structures[0].volume_ml == pytest.approx(box_ml(big_low, big_high), rel=0.1)
+    else:
+        assert mask[small].all()
+        assert result.structures[0].volume_ml == pytest.approx(
+            box_ml(big_low, big_high) + box_ml(small_low, small_high), rel=0.1)
+    np.testing.assert_array_equal(result.labelmap, mask.astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ ROI
+@pytest.mark.parametrize("name", ["identity", "flipped", "oblique"])
+def test_roi_keeps_exactly_the_voxels_it_touches(segmenter, network, name):
+    """The stub finds the whole body; with an ROI, the voxels that touch the LPS box are labelled and
+    nothing else, whatever the volume's orientation."""
+    direction, spacing, shape = geometry(name)
+    volume = make_phantom(shape, spacing, direction, CENTRE)
+    low, high = box((-21.3, -32.6, -9.1), (24.2, 11.7, 28.4))  # well inside the body
+    network({"liver": step(-500.0)})
+    result = segmenter.segment(volume, "liver", roi=[low, high], anatomy_guard=False, probabilities=True)
+    points = centres(result)
+    labelled = result.masks[0]
+    # A voxel touches the box when its extent, an LPS-aligned box of these half sizes, overlaps it.
+    half = 0.5 * np.abs(volume.direction) @ volume.spacing
+    touching = np.all((points + half > low) & (points - half < high), axis=-1)
+    if name == "oblique":
+        assert labelled[in_box(points, low, high)].all()
+        assert not labelled[~touching].any(), "voxels outside the ROI are labelled"
+        assert result.probabilities[0][~touching].max() == 0.0
+    else:
+        np.testing.assert_array_equal(labelled, touching)
+        assert result.probabilities[0][~touching].max() == 0.0
+    np.testing.assert_array_equal(result.labelmap, labelled.astype(np.uint8))
+
+
+def test_roi_outside_the_volume_is_refused(segmenter, network):
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), centre=CENTRE)
+    network({"liver": step(-500.0)})
+    far = CENTRE + 500.0
+    with pytest.raises(InputError, match="does not overlap"):
+        segmenter.segment(volume, "liver", roi=[far, far + 50.0], anatomy_guard=False)
+    # Partly outside: clipped to the volume, not refused.
+    low, high = CENTRE - 10.0, CENTRE + 500.0
+    result = segmenter.segment(volume, "liver", roi=[low, high], anatomy_guard=False)
+    points = centres(result)
+    assert result.masks[0].any() and not result.masks[0][~in_box(points, low, high, 2.0)].any()
+
+
+# ------------------------------------------------------------------------------------ anatomy guard
+def test_size_rule_comes_before_the_anatomy_guard(segmenter, network):
+    """With the guard on, a mask too small for the size rule is reported by the size rule."""
+    low, high = box((-8, -8, -8), (8, 8, 8))
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), boxes=[(low, high, ORGAN_HU)], centre=CENTRE)
+    network({"liver": step(LEVEL), "spleen": never})
+    result = segmenter.segment(volume, "liver, spleen", min_volume_ml=10.0)
+    assert result.coverage is not None
+    assert [s.rule for s in result.structures] == ["size", "empty"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_gives_the_cpu_answer(segmenter, network):
+    """Known probabilities through the GPU path (half-precision autocast, stitching and every rule on
+    GPU tensors): the same masks, label map and summary as on the CPU, on an oblique volume with an
+    ROI, overlapping structures and the largest component."""
+    direction, spacing, shape = geometry("oblique")
+    low, high = box((-30, -20, -20), (30, 20, 20))
+    ramp = lambda p: 50.0 + 150.0 * (p[:, 0] - low[0]) / (high[0] - low[0])  # noqa: E731
+    volume = make_phantom(shape, spacing, direction, CENTRE, [(low, high, ramp)])
+    rules = {
+        "liver": lambda hu: torch.where(hu > 25, 4 + (hu - 125) / 25, torch.full_like(hu, -8.0)),
+        "spleen": lambda hu: torch.where(hu > 25, 4 - (hu - 125) / 25, torch.full_like(hu, -8.0)),
+    }
+    roi = box((-45, -40, -30), (20, 30, 35))
+    options = dict(roi=roi, probabilities=True, largest_component=True, anatomy_guard=False)
+    network(rules)
+    on_cpu = segmenter.segment(volume, "liver, spleen", **options)
+    gpu = Segmenter(segmenter.checkpoint_path, device="cuda")
+    gpu.model = IntensityNetwork(gpu, rules)
+    on_gpu = gpu.segment(volume, "liver, spleen", **options)
+    assert all(s.found for s in on_cpu.structures)
+    for a, b in zip(on_gpu.probabilities, on_cpu.probabilities):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    sure = np.all([np.abs(p - 0.5) > 1e-4 for p in on_cpu.probabilities], axis=0)
+    for a, b in zip(on_gpu.masks, on_cpu.masks):
+        np.testing.assert_array_equal(a[sure], b[sure])
+    np.testing.assert_array_equal(on_gpu.labelmap[sure], on_cpu.labelmap[sure])
+    for a, b in zip(on_gpu.structures, on_cpu.structures):
+        assert a.voxels == pytest.approx(b.voxels, abs=3)
