@@ -134,6 +134,7 @@ class WorkerClient:
         self._stopping = False
         self.needs_restart = False
         self.loaded = None
+        self.version = None
         self._load_key = None
         process = self._process
         self._threads = [
@@ -206,8 +207,12 @@ class WorkerClient:
         event = self.wait_event(lambda e: e.get("event") == "loaded" or (
             e.get("event") == "error" and e.get("id") is None), timeout=timeout or self.startup_timeout)
         if event is None:
+            ready = self.version is not None
             self.kill()
-            raise WorkerError(f"the worker did not load model '{model}' within {timeout or self.startup_timeout:.0f} s")
+            waited = timeout or self.startup_timeout
+            if not ready:
+                raise WorkerError(f"the worker did not start: no 'ready' from {self.command[0]} within {waited:g} s")
+            raise WorkerError(f"the worker did not load model '{model}' within {waited:g} s")
         if event.get("event") == "error":
             self._load_key = None
             raise WorkerError(event.get("message", "the worker could not load the model"))
@@ -326,11 +331,11 @@ class WorkerClient:
                 continue
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 event = None
-            if isinstance(event, dict) and "event" in event:
+            if isinstance(event, dict) and isinstance(event.get("event"), str):
                 self._events.put(event)
-            else:
+            else:  # stray output (a library's print, a half line): log it, never treat it as an event
                 self._logs.put(line)
         code = process.wait()
         for thread in self._threads:

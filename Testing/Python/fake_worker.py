@@ -10,6 +10,10 @@ Modes (``--mode``):
     load-error      answer ``load`` with a checkpoint error
     prompt-error    answer ``segment`` with a prompt error
     bad-grid        write a result whose grid differs from the input's
+    stray-output    write lines that are not protocol events to stdout (text, JSON that is not an
+                    event object, bytes that are not UTF-8) before ``ready`` and between events
+    never-ready     hang at start-up without ever saying ``ready``
+    ignore-stop     ignore ``shutdown`` and the end of stdin (only a kill ends it)
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ SYNONYMS = {"left kidney": "kidney_left", "kidney left": "kidney_left"}
 def emit(**event) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
+
+
+def stray_output(tag: str) -> None:
+    """Lines a careless library might print to stdout; none of them is a protocol event."""
+    sys.stdout.write(f"stray text {tag}\n[1, 2]\n{{\"note\": \"no event key\"}}\n{{\"event\": 3}}\n\"event\"\n")
+    sys.stdout.write("[" * 5000 + "\n")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"\xff\xfe not utf-8 " + tag.encode() + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def write_seg_nrrd(path: Path, shape: tuple[int, int, int], ijk_to_lps, found: list[str]) -> None:
@@ -86,9 +99,15 @@ def main() -> int:
                     cancelled.add(request.get("id"))
                 continue
             requests.put(request)
-        requests.put({"cmd": "shutdown"})
+        if args.mode != "ignore-stop":
+            requests.put({"cmd": "shutdown"})
 
     threading.Thread(target=read, daemon=True).start()
+    if args.mode == "never-ready":
+        print(f"fake worker hangs before ready, pid {os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    if args.mode == "stray-output":
+        stray_output("before ready")
     emit(event="ready", version="fake-1")
     print(f"fake worker pid {os.getpid()} in mode {args.mode}", file=sys.stderr, flush=True)
     loaded = False
@@ -96,6 +115,9 @@ def main() -> int:
         request = requests.get()
         command, job = request.get("cmd"), request.get("id")
         if command == "shutdown":
+            if args.mode == "ignore-stop":
+                print("fake worker ignores shutdown", file=sys.stderr, flush=True)
+                continue
             return 0
         if command == "load":
             if args.mode == "load-error":
@@ -122,6 +144,8 @@ def main() -> int:
                 break
             emit(event="progress", id=job, fraction=step / args.steps, stage="inference",
                  message=f"window {step + 1}/{args.steps}")
+            if args.mode == "stray-output":
+                stray_output(f"step {step}")
             if args.mode == "crash" and step == 1:
                 print("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr, flush=True)
                 os._exit(3)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import make_ct, make_tiny_checkpoint
+from engine_fixtures import TINY_STRUCTURES, make_ct, make_tiny_checkpoint
 from MoMESegmentationLib.io.readers import write_volume
+from MoMESegmentationLib.slicer_workflow import read_nrrd_geometry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +66,7 @@ def worker(tmp_path_factory):
     process.send(cmd="load", model=str(checkpoint), device="cpu", threads=1)
     loaded = process.wait("loaded", "error")
     assert loaded["event"] == "loaded", loaded
+    assert loaded["structures"] == TINY_STRUCTURES and loaded["device"] == "cpu" and loaded["free_text"] is False
     yield process
     process.close()
 
@@ -78,8 +80,10 @@ def test_segment_progress_and_done(worker, tmp_path):
     assert progress["id"] == "job1" and 0 <= progress["fraction"] <= 1
     done = worker.wait("done", "error")
     assert done["event"] == "done", done
-    assert output.is_file() and (tmp_path / "out.json").is_file()
+    assert done["id"] == "job1" and done["output"] == str(output)
     assert [s["id"] for s in done["summary"]["structures"]] == ["liver", "spleen"]
+    assert read_nrrd_geometry(output).shape == (40, 36, 30), "the result must lie on the input's grid"
+    assert json.loads((tmp_path / "out.json").read_text()) == done["summary"]
 
 
 def test_cancel_reports_cancelled_and_writes_nothing(worker, tmp_path):
@@ -101,8 +105,13 @@ def test_errors_are_one_line_and_worker_survives(worker, tmp_path):
                 output=str(tmp_path / "x.seg.nrrd"))
     error = worker.wait("error")
     assert error["id"] == "bad" and error["kind"] == "input" and "\n" not in error["message"]
-    worker.send(cmd="segment", id="bad2", input=str(tmp_path / "missing.nrrd"), prompts=" ",
-                output=str(tmp_path / "x.seg.nrrd"))
-    assert worker.wait("error")["kind"] in {"prompt", "input"}
-    worker.send(cmd="frobnicate")
-    assert "unknown command" in worker.wait("error")["message"]
+    assert "missing.nrrd" in error["message"]
+    source = tmp_path / "ct.nrrd"
+    write_volume(make_ct(), source)
+    worker.send(cmd="segment", id="bad2", input=str(source), prompts=" , ", output=str(tmp_path / "x.seg.nrrd"))
+    error = worker.wait("error")
+    assert (error["id"], error["kind"]) == ("bad2", "prompt") and "\n" not in error["message"], error
+    worker.send(cmd="frobnicate", id="bad3")
+    error = worker.wait("error")
+    assert (error["id"], error["kind"]) == ("bad3", "input") and "unknown command 'frobnicate'" in error["message"]
+    assert not (tmp_path / "x.seg.nrrd").exists()

@@ -6,9 +6,11 @@ under pytest and inside Slicer (``slicer_add_python_unittest``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from pathlib import Path
@@ -119,8 +121,8 @@ class WorkerClientTest(unittest.TestCase):
         for client in self.clients:
             client.stop()
 
-    def client(self, **kwargs) -> WorkerClient:
-        client = WorkerClient(fake_command(**kwargs), log_callback=self.logs.append, startup_timeout=20)
+    def client(self, startup_timeout: float = 20, **kwargs) -> WorkerClient:
+        client = WorkerClient(fake_command(**kwargs), log_callback=self.logs.append, startup_timeout=startup_timeout)
         self.clients.append(client)
         return client
 
@@ -140,10 +142,9 @@ class WorkerClientTest(unittest.TestCase):
         loaded = client.ensure_started("demo", "cpu", threads=2)
         self.assertEqual(loaded["event"], "loaded")
         self.assertEqual(loaded["structures"], ["liver", "spleen", "kidney_left"])
-        self.assertEqual(loaded["threads"], 2)
         self.assertEqual(client.version, "fake-1")
         pid = client.pid
-        self.assertEqual(client.ensure_started("demo", "cpu", threads=2), loaded)
+        self.assertIs(client.ensure_started("demo", "cpu", threads=2), loaded, "no second load")
         self.assertEqual(client.pid, pid, "same model and device must reuse the process")
         client.ensure_started("demo", "cuda", threads=None)
         self.assertNotEqual(client.pid, pid, "another device must restart the process")
@@ -164,6 +165,56 @@ class WorkerClientTest(unittest.TestCase):
         self.assertEqual([e["event"] for e in client.poll_events()], ["ready"], "skipped events stay queued")
         self.assertEqual(client.poll_events(), [])
         self.assertLess(time.monotonic() - start, 0.1)
+
+    def test_stray_stdout_lines_are_logged_not_events(self):
+        client = self.client(mode="stray-output", steps=3)
+        client.ensure_started("demo", "cpu")
+        with tempfile.TemporaryDirectory() as folder:
+            source, output = Path(folder) / "ct.nrrd", Path(folder) / "out.seg.nrrd"
+            write_nrrd(source, np.zeros((6, 5, 4), np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]))
+            client.send({"cmd": "segment", "id": "job", "input": str(source), "prompts": "liver",
+                         "output": str(output)})
+            done = client.wait_event(lambda e: e.get("id") == "job" and e["event"] in ("done", "error"), timeout=20)
+            self.assertIsNotNone(done, "the job's answer must get through the stray lines")
+            self.assertEqual(done["event"], "done", done)
+            self.assertTrue(output.is_file())
+        events = [e["event"] for e in client.poll_events()]
+        self.assertEqual(events, ["ready", "progress", "progress", "progress"], "stray lines must not become events")
+        self.assertTrue(client.is_running(), "stray output must not end the worker")
+        self.assertFalse(client.needs_restart)
+        for text in ("stray text before ready", "stray text step 2", "[1, 2]", '{"note": "no event key"}',
+                     '{"event": 3}', "not utf-8 step 0", "[" * 5000):
+            self.assertIn(text, [line.replace("\ufffd", "").strip() for line in self.logs], text)
+
+    def test_start_timeout_when_worker_never_says_ready(self):
+        client = self.client(mode="never-ready", startup_timeout=1.0)
+        start = time.monotonic()
+        with self.assertRaisesRegex(WorkerError, r"did not start: no 'ready' .* within 1 s"):
+            client.ensure_started("demo", "cpu")
+        self.assertLess(time.monotonic() - start, 6.0)
+        self.assertFalse(client.is_running(), "a worker that never started must be killed")
+        self.assertTrue(client.needs_restart)
+        self.assertTrue(any("hangs before ready" in line for line in self.logs), self.logs)
+        pid = int(next(line for line in self.logs if "hangs before ready" in line).split()[-1])
+        with self.assertRaises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    def test_stop_kills_a_worker_that_ignores_shutdown(self):
+        client = self.client(mode="ignore-stop")
+        client.ensure_started("demo", "cpu")
+        process = client._process
+        stopper = threading.Thread(target=client.stop, kwargs={"timeout": 0.5}, daemon=True)
+        start = time.monotonic()
+        stopper.start()
+        stopper.join(timeout=10.0)
+        if stopper.is_alive():  # don't leave the process behind when stop() hangs on its pipes
+            process.kill()
+        self.assertFalse(stopper.is_alive(), "stop() hung on a worker that ignores shutdown")
+        self.assertLess(time.monotonic() - start, 4.0)
+        self.assertIsNotNone(process.poll(), "stop() must kill a worker that ignores shutdown")
+        self.assertFalse(client.is_running())
+        client.poll_events()
+        self.assertIn("fake worker ignores shutdown", self.logs, "the shutdown request must have been sent first")
 
     def test_unstartable_command(self):
         client = WorkerClient(["/nonexistent/PythonSlicer", "-m", "x"])
@@ -263,7 +314,7 @@ class WorkflowTest(unittest.TestCase):
         self.assertEqual(self.job_folders(), [])
         time.sleep(0.2)
         workflow.process_events()
-        self.assertEqual(_equal_snapshots(self.scene.snapshot(), before), True)
+        self.assertTrue(_equal_snapshots(self.scene.snapshot(), before))
         self.assertEqual(workflow.client.pid, pid, "a cooperative worker is kept")
 
     def test_cancel_kills_a_stuck_worker_and_restarts_it(self):
