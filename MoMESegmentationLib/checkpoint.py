@@ -17,7 +17,8 @@ The JSON (format ``"mome-checkpoint"``, ``format_version`` 1)::
       "structures": ["liver", "spleen", ...],            # row order of vocab.embeddings
       "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5],
                         "intensity": {"window": [-175, 250], "range": [0, 1]},
-                        "patch_size": [96, 96, 96], "overlap": 0.5},
+                        "patch_size": [96, 96, 96], "overlap": 0.5,
+                        "padding": {"mode": "mirror", "mask_valid": true}},   # absent: constant, unmasked
       "provenance": {...}, "metrics": {...}, "extra": {...},
       "weights": {"file": "liver_mome12.safetensors", "sha256": "...", "bytes": 123, "dtype": "float32"}
     }

@@ -35,7 +35,7 @@ import torch
 
 from .errors import Cancelled, CheckpointError, InputError, MoMEError, PromptError
 from .io.volume import Volume
-from .windows import pad_to_window, truncated_sides, valid_window_mask
+from .windows import PAD_MODES, pad_to_window, truncated_sides, valid_window_mask
 
 __all__ = [
     "CancelToken",
@@ -307,9 +307,14 @@ class Segmenter:
         self.threshold = float(prep.get("threshold", 0.5))
         self.sw_batch_size = sw_batch_size
         self.cache_features = cache_features
-        # Padding of scans shorter than a window (MoMESegmentationLib.windows): benchmarks compare settings.
-        self.pad_mode = "mirror"
-        self.mask_padding = True  # norms and the global pool skip the padding (model.masked_norm)
+        # Scans shorter than a window are padded as the model was trained (MoMESegmentationLib.windows):
+        # checkpoints from before slab training (the bundled demo weights, imported models) saw air
+        # padding with norms over the whole window, and are worse on slabs with mirror + masks.
+        padding = prep.get("padding") or {}
+        self.pad_mode = str(padding.get("mode", "constant"))
+        if self.pad_mode not in PAD_MODES:
+            raise CheckpointError(f"{self.checkpoint_path}: unknown padding mode {self.pad_mode!r}")
+        self.mask_padding = bool(padding.get("mask_valid", False))  # norms/global pool skip the padding
         self._cache = _FeatureCache()
         self._vocabulary = vocabulary
         self._text_encoder = None

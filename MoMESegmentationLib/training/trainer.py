@@ -339,6 +339,8 @@ class Trainer:
             "spacing": [float(s) for s in cfg.transforms.spacing],
             "intensity": {"window": [float(w) for w in cfg.transforms.window], "range": [0.0, 1.0], "clip": True},
             "patch_size": [int(s) for s in cfg.transforms.patch_size],
+            # How windows were padded in training; the engine pads short scans the same way.
+            "padding": {"mode": cfg.transforms.pad_mode, "mask_valid": True},
         }
         provenance = {
             "trained_with": "mome train",

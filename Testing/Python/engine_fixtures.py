@@ -12,12 +12,15 @@ from MoMESegmentationLib.io.volume import Volume
 TINY_STRUCTURES = ["liver", "spleen", "kidney_left", "kidney_right"]
 
 
-def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0, spacing: float = 6.0) -> Path:
+def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0, spacing: float = 6.0,
+                         padding: dict | None = None) -> Path:
     """Save a feature-size-12 MoME with 64x32x32 patches and random weights; return its path.
 
     The structure embeddings are random unit vectors, or with ``free_text`` the packaged text
     encoder's embeddings of the structure names (the checkpoint then records the encoder, so the
     model also takes free-text prompts). ``spacing`` is the model grid in mm (isotropic).
+    ``padding`` is the checkpoint's record of how training padded short cases (none: as before slab
+    training, air and no masks), e.g. ``{"mode": "mirror", "mask_valid": True}``.
     """
     from MoMESegmentationLib.checkpoint import save_checkpoint
     from MoMESegmentationLib.model import create_model
@@ -41,7 +44,8 @@ def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0
     save_checkpoint(
         path, model, text_encoder=text_encoder, structures=TINY_STRUCTURES, structure_embeddings=embeddings,
         preprocessing={"orientation": "RAS", "spacing": [spacing] * 3, "intensity": {"window": [-175.0, 250.0], "range": [0.0, 1.0]},
-                       "patch_size": [64, 32, 32], "overlap": 0.25, "threshold": 0.5},
+                       "patch_size": [64, 32, 32], "overlap": 0.25, "threshold": 0.5,
+                       **({"padding": padding} if padding else {})},
         provenance={"purpose": "unit tests; random weights"}, metrics={},
     )
     return path

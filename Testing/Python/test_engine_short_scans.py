@@ -15,7 +15,19 @@ PATCH = (64, 32, 32)  # the tiny checkpoint's window, RAS axes (axis 2: inferior
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    """A checkpoint trained (so it records) with mirrored padding and valid-voxel masks."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), padding={"mode": "mirror", "mask_valid": True})
+
+
+def test_padding_follows_the_checkpoint(checkpoint, tmp_path):
+    """Mirror + masks only for models trained that way; older checkpoints keep air and unmasked norms."""
+    trained = Segmenter(checkpoint, device="cpu")
+    assert (trained.pad_mode, trained.mask_padding) == ("mirror", True)
+    older = Segmenter(make_tiny_checkpoint(tmp_path), device="cpu")
+    assert (older.pad_mode, older.mask_padding) == ("constant", False)
+    prep = older.preprocess(make_slab())
+    assert prep.padding[2] == (11, 11)
+    assert np.all(prep.image[0, 0, :, :, :11].numpy() == 0.0)  # air, as the model was trained
 
 
 @pytest.fixture(scope="module", autouse=True)
