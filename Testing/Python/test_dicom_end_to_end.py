@@ -43,11 +43,14 @@ pytestmark = pytest.mark.slow
 RUN_OPTIONS = ["--model", "demo", "--device", "cpu", "--threads", "2", "--fast", "--quiet"]
 #: Air, what the CT is padded with outside the scanned volume.
 AIR_HU = -1024.0
-#: Liver Dice of the demo model on these inputs, less a margin for other torch builds and machines
-#: (measured on the CPU with torch 2.13: 0.829 for the export, 0.849 for the tilted series; with the
-#: slices out of order or the tilt not resampled it falls to about 0.47 and 0.56).
-EXPORT_DICE_FLOOR = 0.75
-TILT_DICE_FLOOR = 0.75
+#: Liver Dice of the demo model on these inputs, less a margin for other torch builds and machines.
+#: Both scans are shorter than one 96-voxel window, so they are padded as the demo weights were
+#: trained (air, norms over the whole window). Measured on the CPU with torch 2.13: 0.682 for the
+#: export, 0.601 for the tilted series (0.829 and 0.849 with mirrored padding and masked norms,
+#: which the demo weights were not trained with; see benchmarks/RESULTS.md, "Thin slabs"). Slices
+#: in file-name order are refused (duplicate positions); an unresampled tilt fails the warning check.
+EXPORT_DICE_FLOOR = 0.62
+TILT_DICE_FLOOR = 0.55
 #: Gantry tilt of the tilted case, degrees about the row (patient's x) axis; negative: the
 #: anterior end of each slice plane lies toward the feet.
 TILT_DEGREES = -20.0
