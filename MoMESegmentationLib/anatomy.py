@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .io.volume import Volume
+from .io.volume import Volume, nearest_axes
 from .vocabulary import BODY_REGIONS, Structure
 
 __all__ = [
@@ -230,31 +230,12 @@ class GuardVerdict:
 # --------------------------------------------------------------------------------------------
 
 
-def _nearest_axes(direction: np.ndarray) -> tuple[list[int], list[float]]:
-    """For each array axis, the LPS axis it runs closest to and the sign along it.
-
-    Closest orthogonal matrix (polar decomposition), then the largest entries greedily, each
-    physical axis used once (as :func:`MoMESegmentationLib.io.geometry.orientation_codes`).
-    """
-    direction = np.asarray(direction, dtype=np.float64)
-    u, _, vt = np.linalg.svd(direction)
-    rotation = np.abs(u @ vt)
-    physical_of = [-1, -1, -1]
-    for _ in range(3):
-        p, a = np.unravel_index(int(np.argmax(rotation)), rotation.shape)
-        physical_of[a] = int(p)
-        rotation[p, :] = -1.0
-        rotation[:, a] = -1.0
-    signs = [1.0 if direction[physical_of[a], a] >= 0 else -1.0 for a in range(3)]
-    return physical_of, signs
-
-
 def _slice_axis(volume: Volume) -> tuple[int, np.ndarray]:
     """The array axis closest to superior-inferior and the LPS ``z`` of each slice along it.
 
     ``z`` is taken at the centre of each slice.
     """
-    physical_of, _ = _nearest_axes(volume.direction)
+    physical_of, _ = nearest_axes(volume.direction)
     axis = physical_of.index(2)
     n = volume.shape[axis]
     index = np.tile((np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0, (n, 1))
@@ -284,7 +265,7 @@ class _Grid:
 
 
 def _coarse_grid(volume: Volume) -> _Grid:
-    physical_of, _ = _nearest_axes(volume.direction)
+    physical_of, _ = nearest_axes(volume.direction)
     axis_x, axis_y, axis_z = (physical_of.index(p) for p in range(3))
     spacing = volume.spacing
     step_z = max(1, round(_SLICE_MM / spacing[axis_z]))

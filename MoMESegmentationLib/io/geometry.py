@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volume import Volume
+from .volume import Volume, nearest_axes
 
 __all__ = [
     "CanonicalRecord",
@@ -93,28 +93,9 @@ def _parse_axcodes(axcodes: str) -> list[tuple[int, float]]:
     return parsed
 
 
-def _nearest_axes(direction: np.ndarray) -> tuple[list[int], list[float]]:
-    """For each array axis, the LPS axis it runs closest to and the sign along it.
-
-    The closest orthogonal matrix (polar decomposition) removes any shear, then the largest
-    remaining entries are assigned greedily, each physical axis used once (as nibabel's
-    ``io_orientation``).
-    """
-    u, _, vt = np.linalg.svd(np.asarray(direction, dtype=np.float64))
-    rotation = np.abs(u @ vt)
-    physical_of = [-1, -1, -1]
-    for _ in range(3):
-        p, a = np.unravel_index(int(np.argmax(rotation)), rotation.shape)
-        physical_of[a] = int(p)
-        rotation[p, :] = -1.0
-        rotation[:, a] = -1.0
-    signs = [1.0 if direction[physical_of[a], a] >= 0 else -1.0 for a in range(3)]
-    return physical_of, signs
-
-
 def orientation_codes(volume: Volume) -> str:
     """The anatomical direction each array axis runs closest to, e.g. ``"LPS"`` or ``"RAS"``."""
-    physical_of, signs = _nearest_axes(volume.direction)
+    physical_of, signs = nearest_axes(volume.direction)
     return "".join(_LETTERS[p][1 if s > 0 else 0] for p, s in zip(physical_of, signs))
 
 
@@ -133,7 +114,7 @@ def canonicalize(volume: Volume, axcodes: str = "RAS") -> tuple[Volume, Canonica
         :func:`restore_from_canonical`.
     """
     target = _parse_axcodes(axcodes)
-    physical_of, signs = _nearest_axes(volume.direction)
+    physical_of, signs = nearest_axes(volume.direction)
     permutation = tuple(physical_of.index(axis) for axis, _ in target)
     flips = tuple(bool(signs[permutation[t]] != sign) for t, (_, sign) in enumerate(target))
     record = CanonicalRecord(permutation=permutation, flips=flips, original_shape=volume.shape)  # type: ignore

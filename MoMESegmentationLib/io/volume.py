@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Volume", "LPS_TO_RAS"]
+__all__ = ["Volume", "LPS_TO_RAS", "nearest_axes"]
 
 #: Multiply an LPS point (or the left side of an LPS affine) by this to get RAS, and vice versa.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -122,3 +122,23 @@ class Volume:
             and np.allclose(self.origin, other.origin, atol=atol)
             and np.allclose(self.direction, other.direction, atol=atol)
         )
+
+
+def nearest_axes(direction: np.ndarray) -> tuple[list[int], list[float]]:
+    """For each array axis, the LPS axis it runs closest to and the sign along it.
+
+    The closest orthogonal matrix (polar decomposition) removes any shear, then the largest
+    remaining entries are assigned greedily, each physical axis used once (as nibabel's
+    ``io_orientation``).
+    """
+    direction = np.asarray(direction, dtype=np.float64)
+    u, _, vt = np.linalg.svd(direction)
+    rotation = np.abs(u @ vt)
+    physical_of = [-1, -1, -1]
+    for _ in range(3):
+        p, a = np.unravel_index(int(np.argmax(rotation)), rotation.shape)
+        physical_of[a] = int(p)
+        rotation[p, :] = -1.0
+        rotation[:, a] = -1.0
+    signs = [1.0 if direction[physical_of[a], a] >= 0 else -1.0 for a in range(3)]
+    return physical_of, signs
