@@ -56,9 +56,6 @@ ProgressCallback = Callable[[float, str, str], None]
 #: Logit given to voxels outside the processed region (sigmoid ~ 2e-9).
 _OUTSIDE_LOGIT = -20.0
 
-#: How :func:`check_ct_like` words a scan that is not CT in Hounsfield units.
-NOT_CT = "intensities do not look like CT in Hounsfield units"
-
 #: Voxels above this (HU) count as body when cropping to the body.
 BODY_HU = -500.0
 
@@ -102,11 +99,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
-def check_ct_like(volume: Volume) -> str | None:
-    """Return a warning when the intensities do not look like CT in Hounsfield units (e.g. MR).
+def _intensity_problem(volume: Volume) -> tuple[bool, str] | None:
+    """``(not_ct, message)`` when the intensities are not those of CT in Hounsfield units.
 
-    A warning that starts with :data:`NOT_CT` means the scan has no air or fat at all (MR, a
-    rescaled image): the anatomy guard refuses it. Other warnings (an unusual range) are advisory.
+    ``not_ct`` is True when the scan has no air or fat at all (an MR, a rescaled image), False for
+    an advisory (an unusual range); None when the intensities look like CT.
     """
     values = volume.array
     if values.size > 2_000_000:  # a regular subsample is plenty for percentiles
@@ -116,11 +113,23 @@ def check_ct_like(volume: Volume) -> str | None:
     p1, p50, p99 = np.percentile(values, [1, 50, 99])
     name = volume.name or "input"
     if p1 > -200:
-        return (f"{name}: {NOT_CT} (1st percentile {p1:.0f}, "
-                "no air or fat); is this an MR or a rescaled image? Results will be unreliable.")
+        return True, (f"{name}: intensities do not look like CT in Hounsfield units (1st percentile {p1:.0f}, "
+                      "no air or fat); is this an MR or a rescaled image?")
     if p1 < -3000 or p99 > 10000:
-        return f"{name}: intensity range {p1:.0f}..{p99:.0f} is unusual for CT in Hounsfield units."
+        return False, f"{name}: intensity range {p1:.0f}..{p99:.0f} is unusual for CT in Hounsfield units."
     return None
+
+
+def check_ct_like(volume: Volume) -> str | None:
+    """Return a warning when the intensities do not look like CT in Hounsfield units (e.g. MR)."""
+    return _intensity_warning(_intensity_problem(volume))
+
+
+def _intensity_warning(problem: tuple[bool, str] | None) -> str | None:
+    if problem is None:
+        return None
+    not_ct, message = problem
+    return f"{message} Results will be unreliable." if not_ct else message
 
 
 @dataclass
@@ -570,9 +579,10 @@ class Segmenter:
         _validate_volume(volume)
         plans = self.plan_prompts(prompts)
         warnings = []
-        warning = check_ct_like(volume)
-        if warning and anatomy_guard and NOT_CT in warning:
-            raise InputError(f"{warning.split('?')[0]}? Refused; turn the anatomy guard off to segment it anyway.")
+        problem = _intensity_problem(volume)
+        if problem is not None and problem[0] and anatomy_guard:
+            raise InputError(f"{problem[1]} Refused; turn the anatomy guard off to segment it anyway.")
+        warning = _intensity_warning(problem)
         if warning:
             logger.warning(warning)
             warnings.append(warning)
