@@ -402,20 +402,13 @@ class _Group:
 
 def _series_of_group(uid: str, group: _Group) -> list[DicomSeries]:
     found = []
-    for number, part in enumerate(_split_by_geometry(group.slices), start=1):
+    def part(number: int, **fields) -> DicomSeries:
         part_uid = uid if number == 1 else f"{uid}{_SUBSERIES_SEPARATOR}{number}"
-        files = list(dict.fromkeys(s.path for s in part))
-        found.append(
-            DicomSeries(
-                part_uid,
-                group.description,
-                group.modality,
-                group.series_number,
-                files=files,
-                multi_frame=any(s.frame is not None for s in part),
-                _slices=part,
-            )
-        )
+        return DicomSeries(part_uid, group.description, group.modality, group.series_number, **fields)
+
+    for number, slices in enumerate(_split_by_geometry(group.slices), start=1):
+        found.append(part(number, files=list(dict.fromkeys(s.path for s in slices)),
+                          multi_frame=any(s.frame is not None for s in slices), _slices=slices))
     if len(found) > 1:
         logger.info(
             "series %s split into %d parts that differ in orientation, size or pixel spacing: %s",
@@ -424,19 +417,8 @@ def _series_of_group(uid: str, group: _Group) -> list[DicomSeries]:
             "; ".join(s.summary() for s in found),
         )
     for number, (path, reason) in enumerate(group.unusable.items(), start=len(found) + 1):
-        part_uid = uid if number == 1 else f"{uid}{_SUBSERIES_SEPARATOR}{number}"
         problem = f"{path}: cannot read this multi-frame file ({reason}); {_EXPORT_HINT}"
-        found.append(
-            DicomSeries(
-                part_uid,
-                group.description,
-                group.modality,
-                group.series_number,
-                files=[path],
-                multi_frame=True,
-                problem=problem,
-            )
-        )
+        found.append(part(number, files=[path], multi_frame=True, problem=problem))
     return found
 
 

@@ -140,8 +140,9 @@ def _masked_copy(module: nn.Module) -> nn.Module | None:
         new = MaskedAdaptiveAvgPool3d(module.output_size)
     else:
         return None
-    new.load_state_dict(module.state_dict())
-    return new.to(next(iter(module.state_dict().values())).device) if module.state_dict() else new
+    state = module.state_dict()
+    new.load_state_dict(state)
+    return new.to(next(iter(state.values())).device) if state else new
 
 
 def convert_norms(module: nn.Module) -> nn.Module:
