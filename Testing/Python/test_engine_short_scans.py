@@ -30,13 +30,7 @@ def test_padding_follows_the_checkpoint(checkpoint, tmp_path):
     assert np.all(prep.image[0, 0, :, :, :11].numpy() == 0.0)  # air, as the model was trained
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread is faster for these tiny windows on a busy machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

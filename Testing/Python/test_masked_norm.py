@@ -23,13 +23,7 @@ from MoMESegmentationLib.model.masked_norm import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread is faster for these small tensors on a busy machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plain_layers() -> nn.Sequential:
