@@ -1,4 +1,5 @@
 import enum
+import importlib.util
 import logging
 import os
 import shutil
@@ -49,6 +50,13 @@ MODULE_LAYOUT = findModuleLayout(os.path.dirname(os.path.abspath(__file__)))
 if MODULE_LAYOUT["libraryParent"] and MODULE_LAYOUT["libraryParent"] not in sys.path:
     sys.path.insert(0, MODULE_LAYOUT["libraryParent"])
 
+import MoMESegmentationLib  # noqa: E402
+
+# Slicer 5.8 and older run Python 3.9, on which the network code cannot run: refuse to load with
+# one sentence rather than fail on every segmentation (the extension is built for 5.10+ only).
+if MoMESegmentationLib.unsupported_python_reason():
+    raise ImportError(MoMESegmentationLib.unsupported_python_reason())
+
 from MoMESegmentationLib.errors import MoMEError  # noqa: E402
 from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     MODULE_REQUIREMENTS,
@@ -64,9 +72,10 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     plan_segment_names,
     replace_last_prompt,
     result_rows,
-    roi_box_lps,
+    install_torch,
     update_recent_prompts,
 )
+from MoMESegmentationLib.slicer_scene import SlicerScene  # noqa: E402
 from MoMESegmentationLib.worker_client import WorkerClient  # noqa: E402
 
 
@@ -92,6 +101,30 @@ def _slicerPackaging():
         return None
     return packaging
 
+def _lightTheTorchInstaller():
+    """``install(requirement)`` through the PyTorch extension's light-the-torch, or None without it.
+
+    light-the-torch picks the PyTorch build that matches the NVIDIA driver. It runs as a child
+    process, as the extension itself runs it; the extension's ``installTorch`` is not used because
+    it imports torch into Slicer's process afterwards.
+    """
+    try:
+        import PyTorchUtils
+    except ImportError:
+        return None
+
+    def install(requirement):
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic
+        version = requirement[len("torch"):] or None
+        args = [arg for arg in torchLogic._getPipInstallArguments(torchVersionRequirement=version)
+                if not arg.startswith("torchvision")]
+        if importlib.util.find_spec("light_the_torch") is None:
+            torchLogic._installLightTheTorch()
+        slicer.util._executePythonModule("light_the_torch", args)
+
+    return install
+
+
 class MoMESegmentation(ScriptedLoadableModule):
     """Uses ScriptedLoadableModule base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
@@ -114,6 +147,9 @@ Research use, not for diagnosis.
 MoME was described by Rezvani et al. (arXiv 2510.26996). The module builds on MONAI, PyTorch and 3D Slicer.
 The bundled example CT comes from TotalSegmentator's reference files (Apache-2.0).
 """)
+        if MODULE_LAYOUT["resources"]:
+            # ScriptedLoadableModule looks only beside this file; a source checkout keeps it one folder up.
+            self.parent.icon = qt.QIcon(moduleResourcePath("Icons", "MoMESegmentation.png"))
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
@@ -445,9 +481,9 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         job.result_ref  # the segmentation node
 
     Inference runs in a worker process (``PythonSlicer -m MoMESegmentationLib.cli worker``) that
-    stays alive between runs; the scene is changed only when a job succeeds. The Logic is also the
-    scene adapter of :class:`SegmentationWorkflow` (``export_volume``, ``import_result``,
-    ``existing_segment_names``).
+    stays alive between runs; the scene is changed only when a job succeeds. Everything that touches
+    the scene (input checks, export, import, probability maps) is ``self.scene``, a
+    :class:`SlicerScene`: it needs no Qt and is tested on Slicer's own MRML classes.
     """
 
     def __init__(self) -> None:
@@ -458,6 +494,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         self.finishedCallback = None
         self._workflow = None
         self._cards = None
+        self.scene = SlicerScene()
 
     def getParameterNode(self):
         return MoMESegmentationParameterNode(super().getParameterNode())
@@ -543,18 +580,12 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         return True
 
     def installTorch(self, requirement) -> None:
-        """PyTorch through the PyTorch extension's installer (right CUDA build) when present, else pip."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            version = requirement[len("torch"):] or None
-            if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=version) is not None:
-                return
-            self.log(_("The PyTorch extension could not install PyTorch; trying pip."))
-        slicer.util.pip_install([requirement])
+        """PyTorch through the PyTorch extension's light-the-torch (right CUDA build) when present, else pip.
+
+        Both run pip in a child process; torch is never imported into Slicer's own process.
+        """
+        how = install_torch(requirement, _lightTheTorchInstaller(), slicer.util.pip_install, self.log)
+        self.log(_("PyTorch installed with {tool}.").format(tool=how))
 
     # Running
 
@@ -579,7 +610,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         if self._workflow is None:
             client = WorkerClient(self.workerCommand(), env=self.workerEnvironment(), log_callback=self.log,
                                   cwd=MODULE_LAYOUT["libraryParent"])
-            self._workflow = SegmentationWorkflow(client, self, on_progress=self._onProgress,
+            self._workflow = SegmentationWorkflow(client, self.scene, on_progress=self._onProgress,
                                                   on_finished=self._onFinished)
         return self._workflow
 
@@ -597,6 +628,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         """
         if not volumeNode:
             raise MoMEError(_("Select an input volume."))
+        self.scene.check_input_volume(volumeNode)
         roi = self.roiBox(roiNode, volumeNode) if roiNode else None
         options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, replace=replace,
                                       probabilities=probabilities, largest_component=largestComponent, fast=fast,
@@ -644,26 +676,8 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             self.finishedCallback(job)
 
     def roiBox(self, roiNode, volumeNode):
-        """The ROI as an LPS box in the exported volume's coordinates (parent transform undone)."""
-        size = [0.0] * 3
-        roiNode.GetSizeWorld(size)
-        if min(size) <= 0:
-            raise MoMEError(_("Region of interest {name} is empty: place it first.").format(name=roiNode.GetName()))
-        bounds = [0.0] * 6
-        roiNode.GetRASBounds(bounds)
-        corners = [[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]]
-        return roi_box_lps(corners, self.worldToVolumeMatrix(volumeNode))
-
-    def worldToVolumeMatrix(self, volumeNode):
-        parent = volumeNode.GetParentTransformNode()
-        if parent is None:
-            return None
-        if not parent.IsTransformToWorldLinear():
-            raise MoMEError(_("{volume} is under a non-linear transform: harden the transform first.").format(
-                volume=volumeNode.GetName()))
-        matrix = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformFromWorld(matrix)
-        return matrix
+        """The ROI as an LPS box in the exported volume's coordinates (both nodes' transforms undone)."""
+        return self.scene.roi_box(roiNode, volumeNode)
 
     def showSegmentation3D(self, segmentationNode, show=True) -> None:
         if not segmentationNode:
@@ -676,93 +690,6 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         layoutManager = slicer.app.layoutManager()
         if show and layoutManager and layoutManager.threeDViewCount > 0:
             layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
-
-    # Scene adapter (used by SegmentationWorkflow)
-
-    def export_volume(self, volumeNode, path) -> None:
-        """Write the volume with its exact IJK-to-RAS geometry, without touching its own storage node."""
-        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storageNode.SetFileName(str(path))
-            if not storageNode.WriteData(volumeNode):
-                raise MoMEError(_("Could not write {volume} to {path}.").format(volume=volumeNode.GetName(), path=path))
-        finally:
-            slicer.mrmlScene.RemoveNode(storageNode)
-
-    def existing_segment_names(self, segmentationNode):
-        if not segmentationNode:
-            return []
-        segmentation = segmentationNode.GetSegmentation()
-        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-
-    def import_result(self, segPath, summary, segmentationNode, replace, volumeNode):
-        """Copy the result's segments into ``segmentationNode`` (a new node when None); return it.
-
-        Names never overwrite existing segments unless ``replace``; colours come from the summary,
-        terminology from the file. On any error the scene is restored.
-        """
-        resultNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        resultNode.AddDefaultStorageNode()
-        storageNode = resultNode.GetStorageNode()
-        created = segmentationNode is None
-        addedIds = []
-        try:
-            storageNode.SetFileName(str(segPath))
-            if not storageNode.ReadData(resultNode):
-                raise MoMEError(_("Could not read the segmentation result {path}.").format(path=segPath))
-            if created:
-                name = slicer.mrmlScene.GenerateUniqueName(volumeNode.GetName() + " MoME")
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-            # Nodes made by the node selector have no display node; this is a no-op when one exists.
-            segmentationNode.CreateDefaultDisplayNodes()
-            target = segmentationNode.GetSegmentation()
-            if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
-                if target.GetNumberOfSegments() == 0:
-                    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-                else:
-                    raise MoMEError(_("{segmentation} and {volume} are under different transforms.").format(
-                        segmentation=segmentationNode.GetName(), volume=volumeNode.GetName()))
-            if target.GetNumberOfSegments() == 0:
-                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            source = resultNode.GetSegmentation()
-            sourceIds = [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]
-            plan = plan_segment_names([source.GetSegment(i).GetName() for i in sourceIds],
-                                      self.existing_segment_names(segmentationNode), replace)
-            colors = {entry.get("id"): entry.get("color") for entry in (summary or {}).get("structures") or []
-                      if isinstance(entry, dict)}
-            replacedIds = [target.GetSegmentIdBySegmentName(p.name) for p in plan if p.replaces_existing]
-            for sourceId, placement in zip(sourceIds, plan):
-                if not target.CopySegmentFromSegmentation(source, sourceId, False):
-                    raise MoMEError(_("Could not add segment {name}.").format(name=placement.name))
-                newId = target.GetNthSegmentID(target.GetNumberOfSegments() - 1)
-                addedIds.append(newId)
-                segment = target.GetSegment(newId)
-                segment.SetName(placement.name)
-                color = colors.get(sourceId)
-                if color and len(color) == 3:
-                    segment.SetColor(color[0] / 255.0, color[1] / 255.0, color[2] / 255.0)
-            for segmentId in replacedIds:
-                if segmentId:
-                    target.RemoveSegment(segmentId)
-        except Exception:
-            if created and segmentationNode is not None:
-                slicer.mrmlScene.RemoveNode(segmentationNode)
-            elif segmentationNode is not None:
-                for segmentId in addedIds:
-                    segmentationNode.GetSegmentation().RemoveSegment(segmentId)
-            raise
-        finally:
-            displayNode = resultNode.GetDisplayNode()
-            if displayNode:
-                slicer.mrmlScene.RemoveNode(displayNode)
-            slicer.mrmlScene.RemoveNode(storageNode)
-            slicer.mrmlScene.RemoveNode(resultNode)
-
-        if created:
-            shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-            studyItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
-            shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), studyItem)
-        return segmentationNode
 
 
 #
@@ -810,7 +737,7 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         self.assertEqual([s["id"] for s in structures], ["liver", "spleen", "kidney_left"])
         found = [s["name"] for s in structures if s["found"]]
         self.assertTrue(found, "the demo model found none of liver, spleen, left kidney")
-        self.assertEqual(sorted(logic.existing_segment_names(segmentationNode)), sorted(found))
+        self.assertEqual(sorted(logic.scene.existing_segment_names(segmentationNode)), sorted(found))
         segmentation = segmentationNode.GetSegmentation()
         for name in found:
             segmentId = segmentation.GetSegmentIdBySegmentName(name)

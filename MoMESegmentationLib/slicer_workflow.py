@@ -63,6 +63,7 @@ __all__ = [
     "replace_last_prompt",
     "update_recent_prompts",
     "MODULE_REQUIREMENTS",
+    "install_torch",
     "missing_requirements",
 ]
 
@@ -759,3 +760,23 @@ def missing_requirements(requirements: Iterable[str] = MODULE_REQUIREMENTS,
         if version is None or (minimum and _version_tuple(version) < _version_tuple(minimum)):
             missing.append(requirement)
     return missing
+
+
+def install_torch(requirement: str, light_the_torch: Callable[[str], None] | None,
+                  pip_install: Callable[[list[str]], None], log: Callable[[str], None] = logger.info) -> str:
+    """Install PyTorch; returns the tool that did it (``"light-the-torch"`` or ``"pip"``).
+
+    ``light_the_torch(requirement)`` installs the build that matches the GPU driver (the PyTorch
+    extension's tool); when it is ``None`` or fails, ``pip_install([requirement])`` runs instead.
+    Neither imports torch into the calling process: a Slicer that imported torch cannot replace
+    it until restarted, and the worker imports it in its own process anyway.
+    """
+    if light_the_torch is not None:
+        try:
+            light_the_torch(requirement)
+            return "light-the-torch"
+        except Exception as error:  # the extension raises on failure; pip is the fall-back
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log(f"light-the-torch could not install PyTorch ({message}); trying pip.")
+    pip_install([requirement])
+    return "pip"

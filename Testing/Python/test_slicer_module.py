@@ -486,9 +486,75 @@ class PureHelpersTest(unittest.TestCase):
         versions = {"torch": "2.3.1+cu121", "monai": "1.6.1", "einops": None}
         missing = missing_requirements(["torch>=2.4", "monai>=1.4", "einops", "scipy"], versions.get)
         self.assertEqual(missing, ["torch>=2.4", "einops", "scipy"])
-        self.assertEqual(missing_requirements(["pytest"]), [])
+        self.assertEqual(missing_requirements(["numpy"]), [])  # Slicer ships NumPy; not pytest
         with self.assertRaises(ValueError):
             missing_requirements(["torch<3"], versions.get)
+
+
+class SupportedSlicerTest(unittest.TestCase):
+    """Slicer 5.8 and older run Python 3.9: the module must say so instead of failing later."""
+
+    def test_reason_names_the_python_and_the_slicer_to_use(self):
+        from MoMESegmentationLib import unsupported_python_reason
+
+        reason = unsupported_python_reason((3, 9, 10, "final", 0))
+        self.assertIn("Python 3.9.10", reason)
+        self.assertIn("Slicer 5.10", reason)
+        self.assertNotIn("\n", reason)
+        self.assertIsNone(unsupported_python_reason((3, 10, 0)))
+        self.assertIsNone(unsupported_python_reason((3, 12, 10)))
+
+    def test_what_runs_before_the_check_parses_as_python_3_9(self):
+        """The package's __init__, errors.py and the module file up to the check use 3.9 grammar."""
+        library = REPO / "MoMESegmentationLib"
+        for path in (library / "__init__.py", library / "errors.py"):
+            ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+        head = MODULE_PATH.read_text(encoding="utf-8").split("from MoMESegmentationLib.errors import")[0]
+        self.assertIn("unsupported_python_reason()", head)
+        ast.parse(head, filename=str(MODULE_PATH), feature_version=(3, 9))
+
+    def test_the_extension_is_not_built_for_older_slicers(self):
+        cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+        self.assertRegex(cmake, r'VERSION_LESS "5\.10"\)\s*\n\s*message\(FATAL_ERROR')
+
+
+class TorchInstallTest(unittest.TestCase):
+    """light-the-torch first, pip when it fails; torch is never imported by the installer."""
+
+    def test_a_failing_light_the_torch_falls_through_to_pip(self):
+        from MoMESegmentationLib.slicer_workflow import install_torch
+
+        calls, logs = [], []
+
+        def light_the_torch(requirement):
+            calls.append(("ltt", requirement))
+            raise RuntimeError("CalledProcessError: light_the_torch returned 1\nmore detail")
+
+        how = install_torch("torch>=2.4", light_the_torch, lambda reqs: calls.append(("pip", reqs)), logs.append)
+        self.assertEqual(how, "pip")
+        self.assertEqual(calls, [("ltt", "torch>=2.4"), ("pip", ["torch>=2.4"])])
+        self.assertEqual(len(logs), 1)
+        self.assertIn("trying pip", logs[0])
+        self.assertNotIn("more detail", logs[0])
+
+    def test_light_the_torch_when_it_works_and_pip_without_it(self):
+        from MoMESegmentationLib.slicer_workflow import install_torch
+
+        calls = []
+        self.assertEqual(install_torch("torch", calls.append, lambda reqs: calls.append(reqs)), "light-the-torch")
+        self.assertEqual(calls, ["torch"])
+        self.assertEqual(install_torch("torch", None, lambda reqs: calls.append(reqs)), "pip")
+        self.assertEqual(calls, ["torch", ["torch"]])
+
+    def test_installing_does_not_import_torch(self):
+        import subprocess
+
+        code = ("import sys; from MoMESegmentationLib.slicer_workflow import install_torch; "
+                "install_torch('torch', lambda r: None, lambda r: None); "
+                "install_torch('torch', None, lambda r: None); "
+                "sys.exit(3 if 'torch' in sys.modules else 0)")
+        done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
 
 
 if __name__ == "__main__":
