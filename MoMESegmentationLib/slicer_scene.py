@@ -41,10 +41,15 @@ class SceneState:
 
 
 class SlicerScene:
-    """Scene adapter for one MRML scene (``slicer.mrmlScene`` by default)."""
+    """Scene adapter for one MRML scene (``slicer.mrmlScene`` by default).
 
-    def __init__(self, scene: Any | None = None) -> None:
+    ``collapse_layers=False`` keeps one full-size labelmap layer per imported segment, as
+    ``CopySegmentFromSegmentation`` leaves them (only for measuring what collapsing saves).
+    """
+
+    def __init__(self, scene: Any | None = None, collapse_layers: bool = True) -> None:
         self._scene = scene
+        self.collapse_layers = collapse_layers
 
     @property
     def scene(self) -> Any:
@@ -186,7 +191,8 @@ class SlicerScene:
                 if segment_id:
                     target.RemoveSegment(segment_id)
             # CopySegmentFromSegmentation gives each segment its own full-size layer.
-            target.CollapseBinaryLabelmaps(False)
+            if self.collapse_layers:
+                target.CollapseBinaryLabelmaps(False)
             # Nodes made by a node selector have no display node; a no-op when one exists.
             segmentation_node.CreateDefaultDisplayNodes()
         except BaseException:

@@ -468,3 +468,27 @@ def test_scene_saved_as_mrb_and_loaded_again_keeps_segments(scene, core, worker_
         segment = loaded.GetSegmentation().GetSegment(loaded.GetSegmentation().GetSegmentIdBySegmentName(name))
         assert np.allclose(segment.GetColor(), colours[name])
         assert segment.GetTerminology() == terms[name]
+
+
+def test_many_structures_share_one_labelmap_layer(scene, tmp_path):
+    """32 non-overlapping structures: one shared layer, not 32 full-size ones (see bench_slicer_import.py)."""
+    from MoMESegmentationLib.data.sample import load_sample_ct
+    from MoMESegmentationLib.io.segmentation import Segment, Segmentation, write_segmentation
+    from MoMESegmentationLib.slicer_scene import segmentation_layers
+
+    case = load_sample_ct()
+    values = [int(v) for v in np.unique(case.labels.array) if v > 0][:32]
+    assert len(values) == 32
+    path = tmp_path / "many.seg.nrrd"
+    write_segmentation(Segmentation(case.labels, [Segment(name=case.label_table[v], mask=case.labels.array == v,
+                                                          color=(0.5, 0.5, 0.5), label_value=i + 1)
+                                                  for i, v in enumerate(values)]), path)
+    volume = load_ct(scene)
+    node = scene.import_result(path, {}, None, False, volume)
+    assert node.GetSegmentation().GetNumberOfSegments() == 32
+    assert segmentation_layers(node)[0] == 1
+    arrays = segment_arrays(node, volume)
+    # slicer.util arrays are (k, j, i); the library's are (i, j, k)
+    for value in values[:5]:
+        np.testing.assert_array_equal(arrays[case.label_table[value]].astype(bool),
+                                      (case.labels.array == value).transpose(2, 1, 0))
