@@ -129,15 +129,19 @@ def render_montage(result, path: Path, title: str = "", reference_labels: np.nda
     for s in result.structures:
         colors[s.label] = (*[c / 255 for c in s.color], 0.55)
     cmap = ListedColormap(colors)
-    # Two axial slices that show the most distinct structures, at least a tenth of the volume apart.
-    present = np.array([(lab == s.label).any(axis=(0, 1)) for s in found]).sum(axis=0) if found else None
-    if present is None or not present.any():
+    # Two axial slices, at least a tenth of the volume apart: the one that shows the most distinct
+    # structures, then the one that adds the most structures not shown yet.
+    shown_in = np.array([(lab == s.label).any(axis=(0, 1)) for s in found]) if found else None  # [structure, z]
+    if shown_in is None or not shown_in.any():
         picks = [ct.shape[2] // 2]
     else:
-        order = np.lexsort((-(lab > 0).sum(axis=(0, 1)), -present))
+        order = np.lexsort((-(lab > 0).sum(axis=(0, 1)), -shown_in.sum(axis=0)))
         picks = [int(order[0])]
         gap = max(3, ct.shape[2] // 10)
-        picks += [int(z) for z in order[1:] if abs(int(z) - picks[0]) >= gap][:1]
+        others = [int(z) for z in order[1:] if abs(int(z) - picks[0]) >= gap]
+        if others:
+            added = [int((shown_in[:, z] & ~shown_in[:, picks[0]]).sum()) for z in others]
+            picks.append(others[int(np.argmax(added))])  # the first in `order` among the best
         picks.sort()
     coronal = int(np.argmax((lab > 0).sum(axis=(0, 2)))) if lab.any() else ct.shape[1] // 2
     aspect_axial = canonical.spacing[1] / canonical.spacing[0]
