@@ -126,6 +126,8 @@ _SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 _DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 #: Slices whose direction cosines differ by more than this belong to different (sub-)series.
 _ORIENTATION_TOLERANCE = 1e-3
+#: Largest |cos| between row and column directions taken as rounding (0.57 degrees off 90).
+_PERPENDICULAR_TOLERANCE = 1e-2
 #: Slices whose pixel spacings differ by more than this fraction belong to different (sub-)series.
 _SPACING_RELATIVE_TOLERANCE = 1e-3
 #: Two slices closer than this along the slice normal (mm) are at the same position.
@@ -600,10 +602,18 @@ def _unit_cosines(folder: Path, series: DicomSeries) -> tuple[np.ndarray, np.nda
     first = series._slices[0]
     row = np.asarray(first.orientation[:3], dtype=np.float64)
     column = np.asarray(first.orientation[3:], dtype=np.float64)
-    normal = np.cross(row, column)
-    if min(np.linalg.norm(row), np.linalg.norm(column), np.linalg.norm(normal)) < _ORIENTATION_TOLERANCE:
+    if min(np.linalg.norm(row), np.linalg.norm(column), np.linalg.norm(np.cross(row, column))) < _ORIENTATION_TOLERANCE:
         raise InputError(f"{folder}: series {series.uid} has an invalid ImageOrientationPatient")
-    return row / np.linalg.norm(row), column / np.linalg.norm(column), normal / np.linalg.norm(normal)
+    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
+    if abs(float(row @ column)) > _PERPENDICULAR_TOLERANCE:
+        angle = math.degrees(math.acos(float(np.clip(row @ column, -1.0, 1.0))))
+        raise InputError(f"{folder}: series {series.uid} has row and column directions {angle:.1f} degrees "
+                         "apart in ImageOrientationPatient, not 90")
+    # Cosines written with a few decimals are neither unit length nor quite perpendicular: take the
+    # closest orthonormal pair (polar decomposition), which moves both by the same small amount.
+    u, _, vt = np.linalg.svd(np.stack([row, column], axis=1), full_matrices=False)
+    row, column = (u @ vt).T
+    return row, column, np.cross(row, column)
 
 
 def _ordered_stack(folder: Path, series: DicomSeries) -> _Stack:

@@ -126,6 +126,35 @@ def test_oblique_shuffled_series_with_rescale(tmp_path, slope, intercept):
     np.testing.assert_allclose(volume.index_to_physical([2, 3, 4]), expected, atol=1e-4)
 
 
+def test_orientation_written_with_few_digits_gives_an_orthonormal_grid(tmp_path):
+    """Scanners write ImageOrientationPatient with 5-6 decimals: the cosines are then not quite unit
+    vectors, and the grid must still be orthonormal (as ITK and Slicer make it)."""
+    cosines = oblique_cosines(angle=0.5, tilt=0.25)
+    row, column = cosines
+    written = write_series(tmp_path / "ct", stored_values((6, 5, 4), seed=4).astype(np.float64) - 1024,
+                           direction=np.stack([row, column, np.cross(row, column)], axis=1), seed=5)
+    rounded = [round(float(v), 3) for v in np.concatenate(cosines)]
+    for path in written.paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = rounded
+        ds.save_as(path)
+    assert abs(np.linalg.norm(rounded[3:]) - 1.0) > 1e-4, "the rounded cosines are not unit vectors"
+    volume = read_volume(tmp_path / "ct")
+    np.testing.assert_allclose(volume.direction.T @ volume.direction, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(volume.direction[:, :2], np.stack(cosines, axis=1), atol=2e-3)
+
+
+def test_row_and_column_directions_far_from_perpendicular_are_refused(tmp_path):
+    written = write_series(tmp_path / "ct", stored_values((6, 5, 4)).astype(np.float64) - 1024, seed=1)
+    skewed = [1.0, 0.0, 0.0, math.sin(math.radians(10)), math.cos(math.radians(10)), 0.0]  # 80 degrees
+    for path in written.paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = skewed
+        ds.save_as(path)
+    with pytest.raises(InputError, match=r"row and column directions 80\.0 degrees apart"):
+        read_volume(tmp_path / "ct")
+
+
 def test_slices_ordered_by_position_when_normal_points_down(tmp_path):
     """Slice positions decreasing along the file order still come out ordered along +normal."""
     stored = stored_values((4, 4, 5), seed=4)
