@@ -346,3 +346,27 @@ def test_gpu_gives_the_cpu_answer(segmenter, network):
     np.testing.assert_array_equal(on_gpu.labelmap[sure], on_cpu.labelmap[sure])
     for a, b in zip(on_gpu.structures, on_cpu.structures):
         assert a.voxels == pytest.approx(b.voxels, abs=3)
+
+
+# ------------------------------------------------------------------------------ written files
+def test_written_result_names_files_and_segments_by_structure(segmenter, network, tmp_path):
+    """write_result returns what it wrote; segments and probability maps carry the structure ids."""
+    from MoMESegmentationLib.io.segmentation import read_segmentation
+    from MoMESegmentationLib.outputs import write_result
+
+    low, high = box((-20, -20, -20), (20, 20, 20))
+    volume = make_phantom((30, 30, 30), (4.0, 4.0, 4.0), centre=CENTRE, boxes=[(low, high, ORGAN_HU)])
+    network({"liver": step(LEVEL), "kidney_left": step(LEVEL, inside=1.0), "spleen": never})
+    result = segmenter.segment(volume, "liver, left kidney, spleen", anatomy_guard=False, probabilities=True)
+    assert [s.found for s in result.structures] == [True, True, False]
+    assert [s.id for s in result.to_segmentation().segments] == ["liver", "kidney_left"]
+
+    path = tmp_path / "result.seg.nrrd"
+    written = write_result(result, path, result.summary(), probabilities=True)
+    assert written == [path, tmp_path / "result.json", tmp_path / "result_probabilities"]
+    assert all(p.exists() for p in written)
+    read = read_segmentation(path)
+    assert [(s.id, s.name) for s in read.segments] == [("liver", "Liver"), ("kidney_left", "Left kidney")]
+    np.testing.assert_array_equal(read.segments[0].mask, result.masks[0])
+    maps = sorted(p.name for p in (tmp_path / "result_probabilities").iterdir())
+    assert maps == ["01_liver.nii.gz", "02_kidney_left.nii.gz", "03_spleen.nii.gz"]
