@@ -3,14 +3,18 @@
 Before anything is fetched the user sees the model's license and source and confirms
 (``--yes`` confirms in advance). Downloads go to ``<store>/downloads/<file>`` through a
 ``.part`` file that is resumed with an HTTP ``Range`` request after an interruption, show a
-tqdm progress bar, check the expected size when the registry knows it, and end with the file's
-SHA-256. Only the standard library's ``urllib`` is used. Without a network the user gets one
-line saying so and how to continue with a file brought by other means (``mome import`` works
-offline).
+tqdm progress bar (or call a progress callback), can be cancelled between blocks, check the
+expected size and SHA-256 when the registry knows them, and end with the file's SHA-256. Only
+the standard library's ``urllib`` and ``hashlib`` are used (no PyTorch import). Without a network
+the user gets one line saying so and how to continue with a file brought by other means
+(``mome import`` and ``mome models install NAME --file FILE`` work offline).
+
+``mome models install NAME`` (:mod:`.model_install`) downloads with :func:`download_file` too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -22,17 +26,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .checkpoint import sha256_file
-from .errors import MoMEError
+from .errors import Cancelled, MoMEError
 from .registry import ModelEntry, default_store, get_entry, load_registry
 
-__all__ = ["DownloadResult", "download_file", "download_model", "downloads_dir"]
+__all__ = [
+    "DownloadResult",
+    "DownloadInterrupted",
+    "download_file",
+    "download_model",
+    "downloads_dir",
+    "describe_entry",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 USER_AGENT = "MoMESegmentation (urllib)"
+
+
+class DownloadInterrupted(MoMEError):
+    """The connection broke off before the whole file arrived; the ``.part`` file can be resumed."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -89,6 +113,8 @@ def download_file(
     expected_sha256: str | None = None,
     progress: bool = True,
     timeout: float = TIMEOUT_S,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> DownloadResult:
     """Download ``url`` to ``destination`` through ``destination.part``, resuming a partial file.
 
@@ -96,14 +122,20 @@ def download_file(
         url: ``http(s)://`` address.
         destination: the final file; an existing complete file (right size) is not downloaded again.
         expected_size: bytes the file must have (``None``/0: unknown).
-        expected_sha256: hex digest the file must have (``None``: not checked).
+        expected_sha256: hex digest the file must have (``None``: not checked). On a mismatch the
+            partial file is removed.
         progress: show a tqdm bar on stderr.
         timeout: seconds without data before giving up.
+        on_progress: called with ``(bytes so far, total bytes or None)`` after each block.
+        cancel: polled after each block; when it returns true the download stops with
+            :class:`~MoMESegmentationLib.errors.Cancelled` (the ``.part`` file stays, so it can be resumed).
 
     Returns:
         :class:`DownloadResult`.
 
     Raises:
+        DownloadInterrupted: the connection broke off (run again to resume).
+        Cancelled: ``cancel()`` returned true.
         MoMEError: one line for no network, HTTP errors, size or checksum mismatch.
     """
     dest = Path(destination).expanduser()
@@ -149,13 +181,17 @@ def download_file(
                         f"{url}: server reports {total} bytes, expected {expected_size}; "
                         "the file changed upstream or the address is wrong"
                     )
-                written = _stream(response, part, offset, total, progress, dest.name, url)
+                written = _stream(response, part, offset, total, progress, dest.name, url, on_progress, cancel)
+                if total is not None and offset + written < total:
+                    raise DownloadInterrupted(
+                        f"{url}: connection lost after {offset + written} of {total} bytes; "
+                        "run the same command again to resume"
+                    )
 
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:
-        raise MoMEError(
-            f"{part}: got {size} bytes, expected {expected_size}; run the same command again to resume"
-        )
+        error = DownloadInterrupted if size < expected_size else MoMEError
+        raise error(f"{part}: got {size} bytes, expected {expected_size}; run the same command again to resume")
     digest = sha256_file(part)
     if expected_sha256 and digest != expected_sha256.lower():
         part.unlink()
@@ -168,10 +204,21 @@ def download_file(
 
 
 def _stream(
-    response, part: Path, offset: int, total: int | None, progress: bool, label: str, url: str
+    response,
+    part: Path,
+    offset: int,
+    total: int | None,
+    progress: bool,
+    label: str,
+    url: str,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> int:
     from tqdm import tqdm
 
+    # read1 returns what has arrived (up to CHUNK) instead of waiting for a whole block, so that
+    # progress and cancellation stay responsive on slow connections.
+    read = getattr(response, "read1", response.read)
     mode = "ab" if offset else "wb"
     written = 0
     with (
@@ -189,11 +236,13 @@ def _stream(
         ) as bar,
     ):
         while True:
+            if cancel is not None and cancel():
+                raise Cancelled(f"{url}: download cancelled after {offset + written} bytes")
             try:
-                block = response.read(CHUNK)
+                block = read(CHUNK)
             except (TimeoutError, OSError, http.client.HTTPException) as error:
                 reason = type(error).__name__ if not str(error) else " ".join(str(error).split())[:80]
-                raise MoMEError(
+                raise DownloadInterrupted(
                     f"{url}: connection lost after {offset + written} bytes ({reason}); "
                     "run the same command again to resume"
                 ) from None
@@ -202,10 +251,13 @@ def _stream(
             f.write(block)
             written += len(block)
             bar.update(len(block))
+            if on_progress is not None:
+                on_progress(offset + written, total)
     return written
 
 
-def _describe(entry: ModelEntry) -> str:
+def describe_entry(entry: ModelEntry) -> str:
+    """What the user reads before accepting a model's license: title, source, license, data, use."""
     lines = [
         f"{entry.title}",
         f"  source:   {entry.source_url}",
@@ -265,12 +317,12 @@ def download_model(
         )
     file_name = entry.source_file or Path(urlparse(entry.source_url).path).name
     destination = downloads_dir(Path(store) if store is not None else None) / file_name
-    say(_describe(entry))
+    say(describe_entry(entry))
     if not yes:
         ask = confirm or _ask_terminal
         if not ask(f"Download {file_name} to {destination.parent} and accept this license? [y/N] "):
             raise MoMEError(f"download of '{name}' cancelled: the license was not accepted")
-    expected_sha = entry.extra.get("source_sha256") if entry.extra else None
+    expected_sha = entry.source_sha256 or None
     result = download_file(
         entry.source_url,
         destination,
@@ -286,6 +338,8 @@ def download_model(
         if store is not None:
             command += f" --store {store}"
         say(f"next: {command}")
+        say(f"or: mome models install {name}" + (f" --store {store}" if store is not None else "")
+            + " (converts the downloaded file into the model store)")
     elif entry.kind == "backbone":
         say(f"next: mome train CONFIG --init-backbone {result.path}")
     return result.path

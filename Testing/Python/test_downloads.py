@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from MoMESegmentationLib.downloads import download_file, download_model, downloads_dir
-from MoMESegmentationLib.errors import MoMEError
+from MoMESegmentationLib.errors import Cancelled, MoMEError
 from MoMESegmentationLib.registry import load_registry
 
 PAYLOAD = os.urandom(300_000)
@@ -118,6 +118,19 @@ def test_size_and_checksum_are_checked(server, tmp_path):
     assert not (tmp_path / "b.pth").exists()
 
 
+def test_progress_callback_and_cancel(server, tmp_path):
+    seen: list[tuple[int, int | None]] = []
+    download_file(server.url, tmp_path / "w.pth", progress=False, on_progress=lambda *a: seen.append(a))
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    seen.clear()
+    with pytest.raises(Cancelled, match="cancelled after"):
+        download_file(server.url, tmp_path / "c.pth", progress=False, on_progress=lambda *a: seen.append(a),
+                      cancel=lambda: bool(seen))
+    assert len(seen) == 1 and not (tmp_path / "c.pth").exists()
+    assert (tmp_path / "c.pth.part").stat().st_size == seen[0][0]  # kept: the next call resumes
+
+
 def test_offline_gives_one_clear_line(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/weights.pth"
     with pytest.raises(MoMEError) as info:
@@ -133,12 +146,12 @@ def test_http_error_is_reported(server, tmp_path):
         download_file(server.url.replace("weights", "missing"), tmp_path / "w.pth", progress=False)
 
 
-def _registry(tmp_path: Path, url: str, size: int = 0):
+def _registry(tmp_path: Path, url: str, size: int = 0, sha256: str = ""):
     rows = {"format": 1, "models": [{
         "name": "test-weights", "title": "Test weights", "kind": "imported",
         "license": "CC BY-NC-ND 4.0 (test)", "source_url": url, "source_file": "weights.pth",
         "source_size": size, "checkpoint": "test-weights/test-weights.safetensors",
-        "import_command": "mome import universal-model weights.pth",
+        "import_command": "mome import universal-model weights.pth", "source_sha256": sha256,
     }]}  # fmt: skip
     path = tmp_path / "models.json"
     path.write_text(json.dumps(rows))
@@ -175,6 +188,18 @@ def test_download_model_shows_license_and_asks_first(server, tmp_path):
     assert "CC BY-NC-ND 4.0 (test)" in said[0]
     assert f"sha256 {SHA}" in said
     assert any(line.startswith("next: mome import universal-model") and str(path) in line for line in said)
+
+
+def test_download_model_checks_the_registry_sha256(server, tmp_path):
+    wrong = _registry(tmp_path, server.url, sha256="F" * 64)
+    assert wrong["test-weights"].source_sha256 == "f" * 64
+    with pytest.raises(MoMEError, match="SHA-256"):
+        download_model("test-weights", store=tmp_path, yes=True, registry=wrong, echo=lambda s: None, progress=False)
+    assert not downloads_dir(tmp_path).joinpath("weights.pth").exists()
+    right = _registry(tmp_path, server.url, sha256=SHA)
+    path = download_model("test-weights", store=tmp_path, yes=True, registry=right, echo=lambda s: None,
+                          progress=False)
+    assert path.read_bytes() == PAYLOAD
 
 
 def test_download_model_needs_yes_without_a_terminal(server, tmp_path, monkeypatch):
