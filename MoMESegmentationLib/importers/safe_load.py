@@ -55,8 +55,10 @@ def load_weights_only(path: str | os.PathLike) -> Any:
             f"{p}: refused to load: the file holds Python objects other than tensors{detail}; "
             f"only weights-only .pth files are read (nothing from the file was run)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+    except Exception as exc:  # noqa: BLE001 -- arbitrary bytes make the unpickler fail in many ways
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        if not isinstance(exc, (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)):
+            reason = f"{type(exc).__name__}: {reason}"  # e.g. IndexError from a text file
         raise CheckpointError(f"{p}: not a readable PyTorch weights file ({reason})") from None
 
 

@@ -350,6 +350,18 @@ def test_import_rejects_other_checkpoints_with_one_line(tmp_path, public_state):
         )
 
 
+@pytest.mark.parametrize("content", [b"these are not weights\n", b"PK\x03\x04truncated", b""])
+def test_import_reports_unreadable_files_in_one_line(tmp_path, content):
+    from MoMESegmentationLib.importers.universal_model import import_universal_model
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file") as info:
+        import_universal_model(path, tmp_path / "out.safetensors")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_cli_import_reports_missing_file(tmp_path, capsys):
     from MoMESegmentationLib.cli import main
 
