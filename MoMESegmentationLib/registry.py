@@ -2,8 +2,11 @@
 
 Entries live in ``Resources/models.json``. A *bundled* entry points at files inside
 ``Resources/`` (the demo weights); an *imported* entry names public weights that the user
-downloads (``mome models download``) or brings, and converts (``mome import``) into the user's
-model store. The store is ``~/.mome/models`` unless a caller passes another folder.
+installs into the model store (``mome models install NAME``, which downloads and converts them, or
+``--file`` with a file brought by other means). The store is ``~/.mome/models`` unless a caller
+passes another folder. Checkpoints installed under a name of their own
+(``mome models install NAME --file CHECKPOINT.safetensors``) sit in ``<store>/<NAME>/`` and are
+found by that name too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "load_registry",
     "get_entry",
     "resolve_model",
+    "find_local_checkpoint",
     "installed_models",
     "suggest_models",
 ]
@@ -61,6 +65,7 @@ class ModelEntry:
     source_url: str = ""  # where the public weights can be downloaded
     source_file: str = ""  # the downloaded file's name
     source_size: int = 0  # expected download size in bytes (0 = unknown)
+    source_sha256: str = ""  # expected SHA-256 of the download, hex ("" = not checked)
     import_command: str = ""  # how to turn the download into a checkpoint
     extra: dict = field(default_factory=dict)
 
@@ -106,6 +111,11 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
         fields = {k: v for k, v in row.items() if k in known}
         fields.update(name=name, title=str(row.get("title") or name), kind=str(row.get("kind") or "bundled"),
                       structures=tuple(str(s) for s in structures) if isinstance(structures, list) else ())
+        if "source_sha256" in fields:
+            digest = str(fields["source_sha256"] or "").strip().lower()
+            if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+                raise CheckpointError(f"{path}: model '{name}' has a malformed source_sha256 (expected 64 hex digits)")
+            fields["source_sha256"] = digest
         entries[name] = ModelEntry(**fields, extra={k: v for k, v in row.items() if k not in known})
     return entries
 
@@ -132,14 +142,29 @@ def resolve_model(name_or_path: str | Path | None, store: Path | None = None) ->
             raise CheckpointError(f"{candidate}: model checkpoint not found")
         return candidate
     registry = load_registry()
+    if text not in registry:
+        local = find_local_checkpoint(text, store)
+        if local is not None:
+            return local
     entry = get_entry(text, registry)
     path = entry.checkpoint_path(store)
     if path is None:
         raise CheckpointError(f"model '{text}' is a backbone initialisation, not a segmentation model")
     if not path.is_file():
-        hint = f"; get it with `mome models download {text}` then `{entry.import_command}`" if entry.import_command else ""
+        hint = f"; install it with `mome models install {text}`" if entry.source_url or entry.import_command else ""
         raise CheckpointError(f"model '{text}' is not installed (expected {path}){hint}")
     return path
+
+
+def find_local_checkpoint(name: str, store: Path | None = None) -> Path | None:
+    """The checkpoint ``<store>/*/<name>.safetensors`` (with its ``.json``) of a model outside the
+    registry, as :func:`installed_models` names them; ``None`` when there is none or several."""
+    root = Path(store) if store is not None else default_store()
+    if not name or any(c in name for c in "/\\*?[]") or not root.is_dir():
+        return None
+    found = [p for p in root.glob(f"*/{name}.safetensors")
+             if not p.parent.name.startswith(".") and p.is_file() and p.with_suffix(".json").is_file()]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,8 @@ def installed_models(store: Path | None = None) -> list[InstalledModel]:
     others = []
     if store.is_dir():
         for json_path in sorted(store.glob("*/*.json")):
+            if json_path.parent.name.startswith("."):
+                continue  # an installation in progress (see model_install)
             weights = json_path.with_suffix(".safetensors")
             if not weights.is_file() or weights.resolve() in seen:
                 continue
