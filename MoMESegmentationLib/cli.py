@@ -1,7 +1,7 @@
 """The ``mome`` command line.
 
-Subcommands: ``demo``, ``segment``, ``evaluate``, ``models``, ``info``, ``worker``, and, when their
-modules are present, ``train`` and ``import``. A user mistake prints one line starting with
+Subcommands: ``demo``, ``segment``, ``evaluate``, ``models`` (list, ``download``, ``install``),
+``info``, ``worker``, and, when their modules are present, ``train`` and ``import``. A user mistake prints one line starting with
 ``mome: error:`` and exits with status 2; nothing is left half-written.
 """
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, MoMEError
+from .errors import Cancelled, InputError, MoMEError
 
 __all__ = ["main", "build_parser"]
 
@@ -189,15 +191,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
-    from .registry import default_store, load_registry
+    from .registry import default_store, installed_models, load_registry
 
-    store = Path(args.store) if args.store else default_store()
+    store = Path(args.store).expanduser() if getattr(args, "store", None) else default_store()
     action = getattr(args, "models_action", None) or "list"
     if action == "download":
         from .downloads import download_model
 
         download_model(args.name, store=store, yes=args.yes)
         return 0
+    if action == "install":
+        return _models_install(args, store)
     entries = load_registry()
     print(f"Model store: {store}  (remove a model by deleting its folder there)")
     print(f"{'name':<24} {'kind':<9} {'present':<8} {'structures':>10} {'size MB':>8}  license")
@@ -214,6 +218,90 @@ def cmd_models(args: argparse.Namespace) -> int:
               f"{entry.license}")
         if digest:
             print(f"{'':<24} sha256 {digest}  {path}")
+    for model in installed_models(store):
+        if model.kind == "local":
+            print(f"{model.name:<24} {'local':<9} {'yes':<8} {len(model.structures):>10} "
+                  f"{model.path.stat().st_size / 1e6:>8.1f}  {model.license}")
+    return 0
+
+
+class _JsonProgress:
+    """``--progress-json``: one JSON object per line on stdout, at most every 0.2 s or 0.5 %."""
+
+    def __init__(self) -> None:
+        self._last = (-1.0, "", 0.0)
+
+    def emit(self, **event) -> None:
+        print(json.dumps(event), flush=True)
+
+    def __call__(self, fraction: float, stage: str, message: str) -> None:
+        last_fraction, last_stage, last_time = self._last
+        now = time.monotonic()
+        if stage == last_stage and fraction - last_fraction < 0.005 and now - last_time < 0.2:
+            return
+        self._last = (fraction, stage, now)
+        self.emit(event="progress", fraction=round(float(fraction), 4), stage=stage, message=message)
+
+
+def _watch_stdin_for_cancel(flag: threading.Event) -> None:
+    """Set ``flag`` when a line ``cancel`` arrives on stdin (how the Slicer panel cancels)."""
+
+    def read() -> None:
+        try:
+            for line in sys.stdin:
+                if line.strip().lower() == "cancel":
+                    flag.set()
+                    return
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=read, name="mome-cancel", daemon=True).start()
+
+
+def _models_install(args: argparse.Namespace, store: Path) -> int:
+    from .model_install import install_model
+    from .registry import load_registry
+
+    registry = load_registry(Path(args.registry)) if args.registry else None
+    cancelled = threading.Event()
+    json_progress = _JsonProgress() if args.progress_json else None
+    if json_progress is not None:
+        _watch_stdin_for_cancel(cancelled)
+
+    def ask(question: str) -> bool:
+        if json_progress is not None:
+            raise MoMEError("--progress-json cannot ask for the license; accept it first and pass --yes")
+        print(question, file=sys.stderr)
+        if not sys.stdin or not sys.stdin.isatty():
+            raise MoMEError("cannot ask for confirmation (no terminal); read the license above and pass --yes "
+                            "to accept it")
+        return input("Accept? [y/N] ").strip().lower() in ("y", "yes")
+
+    def on_terminate(signum, frame) -> None:
+        raise Cancelled(f"installation of '{args.name}' stopped (signal {signum}); the model store was not changed")
+
+    bar = None if json_progress is not None else _ProgressBar(f"install {args.name}", enabled=sys.stderr.isatty())
+    previous = signal.signal(signal.SIGTERM, on_terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        path = install_model(args.name, args.file, store=store, yes=args.yes, ask=ask,
+                             progress=json_progress or bar, cancel=cancelled.is_set, force=args.force,
+                             registry=registry)
+    except MoMEError as error:
+        if json_progress is not None:
+            json_progress.emit(event="error", message=str(error), cancelled=isinstance(error, Cancelled))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if json_progress is not None:
+        json_progress.emit(event="done", name=args.name, path=str(path))
+    else:
+        print(f"installed {args.name}: {path}")
+        model = path if getattr(args, "store", None) else args.name  # names resolve in the default store
+        print(f'use it: mome segment CT.nii.gz --model {model} --prompt "liver, spleen" -o labels.nii.gz')
     return 0
 
 
@@ -289,13 +377,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    models = sub.add_parser("models", help="list registered models; download public weights")
+    models = sub.add_parser("models", help="list registered models; download or install public weights")
     models.add_argument("--store", default=None, help="model store folder (default ~/.mome/models)")
     models_sub = models.add_subparsers(dest="models_action")
     download = models_sub.add_parser("download", help="download public weights (asks before downloading)")
     download.add_argument("name")
     download.add_argument("--yes", action="store_true", help="accept the license without asking")
-    download.add_argument("--store", default=None)
+    download.add_argument("--store", default=argparse.SUPPRESS, help="model store folder (default ~/.mome/models)")
+    install = models_sub.add_parser(
+        "install", help="download and convert a registered model, or add a local file (asks to accept the license)",
+        description="Install a model into the model store: download and convert a registered model, convert "
+        "its public weights from --file, or add a MoME .safetensors checkpoint (with its .json) from --file, "
+        "under a registered name or a new one. Nothing is left half-installed.")
+    install.add_argument("name", help="registered model (e.g. universal-model), or a new name for a checkpoint")
+    install.add_argument("--file", default=None, help="local .pth/.pt weights or .safetensors checkpoint "
+                         "(no download)")
+    install.add_argument("--yes", action="store_true", help="accept the license without asking")
+    install.add_argument("--store", default=argparse.SUPPRESS, help="model store folder (default ~/.mome/models)")
+    install.add_argument("--force", action="store_true", help="download and convert again if already installed")
+    install.add_argument("--progress-json", action="store_true",
+                         help="print progress as JSON lines on stdout; a line 'cancel' on stdin stops the installation")
+    install.add_argument("--registry", default=None, help="a models.json to use instead of the bundled one "
+                         "(e.g. with a mirror's addresses)")
     models.set_defaults(handler=cmd_models)
 
     info = sub.add_parser("info", help="versions, device and CUDA")
