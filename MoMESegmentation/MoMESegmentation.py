@@ -58,6 +58,13 @@ if MoMESegmentationLib.unsupported_python_reason():
     raise ImportError(MoMESegmentationLib.unsupported_python_reason())
 
 from MoMESegmentationLib.errors import MoMEError  # noqa: E402
+from MoMESegmentationLib.model_install import (  # noqa: E402
+    InstallJob,
+    install_command,
+    model_choices,
+    plan_install,
+    suggest_install_name,
+)
 from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     MODULE_REQUIREMENTS,
     JobState,
@@ -278,13 +285,14 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.logCallback = self.appendLog
         self.logic.progressCallback = self.onJobProgress
         self.logic.finishedCallback = self.onJobFinished
+        self.logic.installProgressCallback = self.onInstallProgress
+        self.logic.installFinishedCallback = self.onInstallFinished
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.logic.processEvents)
 
-        for card in self.logic.modelCards():
-            self.ui.modelSelector.addItem(card.title, card.name)
+        self.refreshModelSelector()
         self.ui.resultsTable.setColumnCount(len(ResultRow.HEADERS))
         self.ui.resultsTable.setHorizontalHeaderLabels([_(header) for header in ResultRow.HEADERS])
 
@@ -300,6 +308,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.ui.addCheckpointButton.connect("clicked(bool)", self.onAddCheckpoint)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self.updateDeviceNote)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
@@ -365,10 +375,36 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         busy = bool(self.logic and self.logic.busy)
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.prompts.strip())
-        self.ui.segmentButton.enabled = ready and not busy
+        choice = self.logic.modelChoice(self.ui.modelSelector.currentData) if self.logic else None
+        installed = bool(choice and choice.installed)
+        self.ui.segmentButton.enabled = ready and installed and not busy
         self.ui.cancelButton.enabled = busy
-        self.ui.segmentButton.toolTip = _("Segment the typed structures") if ready else _(
-            "Select an input volume and type at least one structure")
+        if not installed:
+            self.ui.segmentButton.toolTip = _("Install the selected model first (Download and install).")
+        else:
+            self.ui.segmentButton.toolTip = _("Segment the typed structures") if ready else _(
+                "Select an input volume and type at least one structure")
+        self.ui.downloadModelButton.enabled = bool(choice and choice.downloadable and not choice.installed) and not busy
+        self.ui.addCheckpointButton.enabled = not busy
+
+    def modelChoiceLabel(self, choice) -> str:
+        if choice.installed:
+            return choice.title
+        if choice.downloadable:
+            return _("{title} (download)").format(title=choice.title)
+        return _("{title} (not installed)").format(title=choice.title)
+
+    def refreshModelSelector(self, select=None) -> None:
+        """List the registry's models (installed, downloadable) and the checkpoints added under own names."""
+        current = select or self.ui.modelSelector.currentData or (self._parameterNode.model if self._parameterNode else None)
+        wasBlocked = self.ui.modelSelector.blockSignals(True)
+        self.ui.modelSelector.clear()
+        for choice in self.logic.modelChoices(refresh=True):
+            self.ui.modelSelector.addItem(self.modelChoiceLabel(choice), choice.name)
+        index = self.ui.modelSelector.findData(current) if current else -1
+        self.ui.modelSelector.setCurrentIndex(max(index, 0))
+        self.ui.modelSelector.blockSignals(wasBlocked)
+        self.onModelSelected()
 
     def onModelSelected(self, index=None) -> None:
         name = self.ui.modelSelector.currentData
@@ -378,6 +414,7 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = name
         self.ui.modelCardBrowser.setHtml(self.logic.modelCardHtml(name))
         self.updateCompleter()
+        self._checkCanApply()
 
     def updateDeviceNote(self, index=None) -> None:
         self.ui.deviceNoteLabel.text = self.logic.deviceNote(self.ui.deviceSelector.currentIndex)
@@ -430,6 +467,51 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelButton(self) -> None:
         self.logic.cancel()
+
+    def onDownloadModel(self) -> None:
+        self.startModelInstall(self.ui.modelSelector.currentData)
+
+    def onAddCheckpoint(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, _("Add a checkpoint file"), "",
+            _("Model files (*.pth *.pt *.safetensors);;All files (*)"))
+        if path:
+            self.startModelInstall(self.logic.installNameForFile(path, self.ui.modelSelector.currentData), path)
+
+    def startModelInstall(self, name, path=None) -> None:
+        """Show the license (when the model has one), then install in a background process."""
+        with slicer.util.tryWithErrorDisplay(_("Cannot install the model."), waitCursor=True):
+            plan = self.logic.planModelInstall(name, path)
+            if not self.logic.ensureDependencies():
+                return
+            if plan.question and not slicer.util.confirmOkCancelDisplay(
+                    plan.question + "\n\n" + _("Click OK to accept this license and install the model."),
+                    _("Model license")):
+                return
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Installing {name}...").format(name=name)
+            self.logic.installModel(name, path)
+            self._pollTimer.start()
+        self._checkCanApply()
+
+    def onInstallProgress(self, job) -> None:
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.statusLabel.text = job.message or job.stage
+
+    def onInstallFinished(self, job) -> None:
+        self._pollTimer.stop()
+        if job.state == "done":
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = _("Installed {name}.").format(name=job.name)
+            self.refreshModelSelector(select=job.name)
+        elif job.state == "cancelled":
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Installation cancelled. The model store was not changed.")
+        else:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=job.error)
+            slicer.util.errorDisplay(_("Installing the model failed: {message}").format(message=job.error))
+        self._checkCanApply()
 
     def onJobProgress(self, job) -> None:
         self.ui.progressBar.value = int(round(100 * job.fraction))
@@ -492,8 +574,12 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         self.logCallback = None
         self.progressCallback = None
         self.finishedCallback = None
+        self.installProgressCallback = None
+        self.installFinishedCallback = None
         self._workflow = None
+        self._install = None
         self._cards = None
+        self._choices = None
         self.scene = SlicerScene()
 
     def getParameterNode(self):
@@ -506,7 +592,22 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             self._cards = load_model_cards(moduleResourcePath("models.json"))
         return self._cards
 
+    def modelChoices(self, refresh=False):
+        """Registry models (installed or downloadable) and checkpoints installed under own names."""
+        if self._choices is None or refresh:
+            from MoMESegmentationLib.registry import default_store
+
+            registry = {card.name: card for card in self.modelCards()}
+            self._choices = model_choices(default_store(), registry=registry, resources=MODULE_LAYOUT["resources"])
+        return self._choices
+
+    def modelChoice(self, name):
+        return next((choice for choice in self.modelChoices() if choice.name == name), None)
+
     def modelCard(self, name):
+        choice = self.modelChoice(name)
+        if choice is not None:
+            return choice.entry
         return next((card for card in self.modelCards() if card.name == name), None)
 
     def modelCardHtml(self, name) -> str:
@@ -587,17 +688,66 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         how = install_torch(requirement, _lightTheTorchInstaller(), slicer.util.pip_install, self.log)
         self.log(_("PyTorch installed with {tool}.").format(tool=how))
 
+    # Installing models
+
+    def planModelInstall(self, name, path=None):
+        """What installing ``name`` (from ``path``) will do and the license to accept; raises MoMEError."""
+        from MoMESegmentationLib.registry import default_store
+
+        return plan_install(name, path, store=default_store(), registry={c.name: c for c in self.modelCards()})
+
+    def installNameForFile(self, path, selected=None) -> str:
+        return suggest_install_name(path, selected, registry={card.name: card for card in self.modelCards()})
+
+    def installModel(self, name, path=None):
+        """Install ``name`` in a background ``PythonSlicer`` process (the caller has shown the license:
+        the process runs with ``--yes``). :meth:`processEvents` reports progress and the end."""
+        if self.busy:
+            raise MoMEError(_("Wait for the running job to end, or cancel it."))
+        command = install_command(self.pythonSlicer(), name, file=path)
+        self._install = InstallJob(command, env=self.workerEnvironment(), cwd=MODULE_LAYOUT["libraryParent"],
+                                   name=name)
+        self._install.start()
+        self.log(_("Installing model {name}: {command}").format(name=name, command=" ".join(command)))
+        return self._install
+
+    def _processInstall(self) -> None:
+        job = self._install
+        for event in job.poll():
+            if event["event"] == "log" and event["text"].strip():
+                self.log(event["text"])
+            elif event["event"] == "progress" and self.installProgressCallback:
+                self.installProgressCallback(job)
+        if job.running:
+            return
+        self._install = None
+        self._choices = None
+        if job.state == "done":
+            self.log(_("Installed model {name}: {path}").format(name=job.name, path=job.path))
+            client = self._workflow.client if self._workflow else None
+            if client and client.loaded and client.loaded.get("model") == job.name:
+                client.needs_restart = True  # the worker holds the previous weights
+        elif job.state == "cancelled":
+            self.log(_("Installing model {name} was cancelled; the model store was not changed.").format(name=job.name))
+        else:
+            self.log(_("Installing model {name} failed: {message}").format(name=job.name, message=job.error))
+        if self.installFinishedCallback:
+            self.installFinishedCallback(job)
+
     # Running
 
     @property
     def busy(self) -> bool:
-        return bool(self._workflow and self._workflow.busy)
+        return bool(self._workflow and self._workflow.busy) or bool(self._install and self._install.running)
 
-    def workerCommand(self):
+    def pythonSlicer(self):
         pythonSlicer = shutil.which("PythonSlicer")
         if not pythonSlicer:
-            raise MoMEError(_("PythonSlicer was not found: cannot start the segmentation worker."))
-        return [pythonSlicer, "-m", "MoMESegmentationLib.cli", "worker"]
+            raise MoMEError(_("PythonSlicer was not found: cannot start a background process."))
+        return pythonSlicer
+
+    def workerCommand(self):
+        return [self.pythonSlicer(), "-m", "MoMESegmentationLib.cli", "worker"]
 
     def workerEnvironment(self):
         env = slicer.util.startupEnvironment()
@@ -649,14 +799,20 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
     def processEvents(self) -> None:
         if self._workflow:
             self._workflow.process_events()
+        if self._install:
+            self._processInstall()
 
     def cancel(self) -> None:
         if self._workflow:
             self._workflow.cancel()
+        if self._install:
+            self._install.cancel()
 
     def shutdown(self) -> None:
         if self._workflow:
             self._workflow.shutdown()
+        if self._install:
+            self._install.cancel()  # the process removes its staging folder and exits
 
     def log(self, text) -> None:
         logging.info(text)

@@ -608,6 +608,7 @@ class InstallJob:
     ``cancel_grace_s`` seconds later.
 
     Attributes:
+        name: the model being installed (for the caller's messages).
         state: ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``.
         fraction, stage, message: the latest progress.
         path: the installed checkpoint (when done).
@@ -615,9 +616,10 @@ class InstallJob:
     """
 
     def __init__(self, command: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None, cancel_grace_s: float = 10.0) -> None:
+                 cwd: str | os.PathLike | None = None, cancel_grace_s: float = 10.0, name: str = "") -> None:
         if not command or not all(isinstance(part, str) and part for part in command):
             raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
+        self.name = name
         self.command = list(command)
         self.env = dict(env) if env is not None else None
         self.cwd = os.fspath(cwd) if cwd is not None else None
