@@ -636,6 +636,8 @@ class InstallJob:
         self._threads: list[threading.Thread] = []
         self._stderr_tail: collections.deque = collections.deque(maxlen=20)
         self._error_event: str | None = None
+        self._child_cancelled = False  # the child reported that it stopped on request
+        self._killed = False
         self._cancel_at: float | None = None
 
     @property
@@ -682,6 +684,9 @@ class InstallJob:
             if line is not None:
                 events.append(self._parse(kind, line))
         if self._cancel_at is not None and time.monotonic() > self._cancel_at and self._process.poll() is None:
+            logger.warning("installation process %d did not stop within %.0f s of cancel; killing it",
+                           self._process.pid, self.cancel_grace_s)
+            self._killed = True
             _kill_tree(self._process)
         if self._process.poll() is not None and all(not t.is_alive() for t in self._threads):
             while True:  # what the readers queued before they ended
@@ -713,6 +718,7 @@ class InstallJob:
                     self.path = str(event.get("path", "")) or None
                 elif event["event"] == "error":
                     self._error_event = str(event.get("message", "")) or None
+                    self._child_cancelled = bool(event.get("cancelled"))
                 return event
         if kind == "stderr" and line.strip():
             self._stderr_tail.append(line.strip())
@@ -729,7 +735,7 @@ class InstallJob:
         if returncode == 0 and self.path:
             self.state = "done"
             self.fraction = 1.0
-        elif self._cancel_at is not None:
+        elif self._cancel_at is not None and (self._child_cancelled or self._killed):
             self.state = "cancelled"
         else:
             self.state = "failed"
@@ -746,6 +752,7 @@ class InstallJob:
             self._process.stdin.write("cancel\n")
             self._process.stdin.flush()
         except (OSError, ValueError, AttributeError):
+            self._killed = True
             _kill_tree(self._process)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:

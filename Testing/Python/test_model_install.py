@@ -367,16 +367,18 @@ def _job(args: list[str], tmp_path: Path) -> InstallJob:
 
 def test_background_job_cancels_a_download(server, tmp_path):
     """What the panel runs: the CLI in a child process, JSON progress, 'cancel' on stdin."""
-    server.payload = os.urandom(4 << 20)
-    server.delay = 0.02  # about 3 MB/s: the download is still running when it is cancelled
+    server.payload = os.urandom(16 << 20)
+    server.delay = 0.05  # 64 KiB every 50 ms: the download would take 13 s
     job = _job([UM, "--registry", str(registry_file(tmp_path, server.url))], tmp_path)
     deadline = time.monotonic() + 60
-    while job.running and job.stage != "download" and time.monotonic() < deadline:
-        job.poll()
+    while job.running and not job.message.endswith(" MB") and time.monotonic() < deadline:
+        job.poll()  # until bytes arrive
         time.sleep(0.05)
     assert job.stage == "download" and job.running
+    cancelled_at = time.monotonic()
     job.cancel()
     assert job.wait(timeout=30) == "cancelled"
+    assert time.monotonic() - cancelled_at < 8  # the child stopped by itself, well before the kill
     assert job.returncode == 2 and job.path is None
     assert not (tmp_path / "store").exists()
 
