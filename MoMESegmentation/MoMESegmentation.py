@@ -1,3 +1,4 @@
+import dataclasses
 import enum
 import importlib.util
 import logging
@@ -617,6 +618,9 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         from MoMESegmentationLib.registry import default_store
 
         path = card.checkpoint_path(default_store(), resources=MODULE_LAYOUT["resources"])
+        choice = self.modelChoice(name)
+        if choice is not None and choice.downloadable:  # the card's hint names the one-step command
+            card = dataclasses.replace(card, import_command=f"mome models install {name}")
         return model_card_html(card, installed=None if path is None else os.path.isfile(path))
 
     def modelStructures(self, name):
