@@ -1,8 +1,8 @@
 """The ``mome`` command line.
 
 Subcommands: ``demo``, ``segment``, ``evaluate``, ``models`` (list, ``download``, ``install``),
-``info``, ``worker``, and, when their modules are present, ``train`` and ``import``. A user mistake prints one line starting with
-``mome: error:`` and exits with status 2; nothing is left half-written.
+``info``, ``worker``, and, when their modules are present, ``train`` and ``import``. A user mistake
+prints one line starting with ``mome: error:`` and exits with status 2; nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -273,16 +273,21 @@ def _models_install(args: argparse.Namespace, store: Path) -> int:
             raise MoMEError("--progress-json cannot ask for the license; accept it first and pass --yes")
         print(question, file=sys.stderr)
         if not sys.stdin or not sys.stdin.isatty():
-            raise MoMEError("cannot ask for confirmation (no terminal); read the license above and pass --yes "
-                            "to accept it")
+            raise MoMEError("cannot ask for confirmation (no terminal); read the license above and pass "
+                            "--yes to accept it")
         return input("Accept? [y/N] ").strip().lower() in ("y", "yes")
 
     def on_terminate(signum, frame) -> None:
-        raise Cancelled(f"installation of '{args.name}' stopped (signal {signum}); the model store was not changed")
+        raise Cancelled(
+            f"installation of '{args.name}' stopped (signal {signum}); the model store was not changed"
+        )
 
-    bar = None if json_progress is not None else _ProgressBar(f"install {args.name}", enabled=sys.stderr.isatty())
-    previous = signal.signal(signal.SIGTERM, on_terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    bar = None
+    if json_progress is None:
+        bar = _ProgressBar(f"install {args.name}", enabled=sys.stderr.isatty())
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+        previous = signal.signal(signal.SIGTERM, on_terminate)
     try:
         path = install_model(args.name, args.file, store=store, yes=args.yes, ask=ask,
                              progress=json_progress or bar, cancel=cancelled.is_set, force=args.force,
@@ -383,20 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
     download = models_sub.add_parser("download", help="download public weights (asks before downloading)")
     download.add_argument("name")
     download.add_argument("--yes", action="store_true", help="accept the license without asking")
-    download.add_argument("--store", default=argparse.SUPPRESS, help="model store folder (default ~/.mome/models)")
+    download.add_argument("--store", default=argparse.SUPPRESS,
+                          help="model store folder (default ~/.mome/models)")
     install = models_sub.add_parser(
-        "install", help="download and convert a registered model, or add a local file (asks to accept the license)",
+        "install",
+        help="download and convert a registered model, or add a local file (asks to accept the license)",
         description="Install a model into the model store: download and convert a registered model, convert "
         "its public weights from --file, or add a MoME .safetensors checkpoint (with its .json) from --file, "
         "under a registered name or a new one. Nothing is left half-installed.")
-    install.add_argument("name", help="registered model (e.g. universal-model), or a new name for a checkpoint")
+    install.add_argument("name",
+                         help="registered model (e.g. universal-model), or a new name for a checkpoint")
     install.add_argument("--file", default=None, help="local .pth/.pt weights or .safetensors checkpoint "
                          "(no download)")
     install.add_argument("--yes", action="store_true", help="accept the license without asking")
-    install.add_argument("--store", default=argparse.SUPPRESS, help="model store folder (default ~/.mome/models)")
-    install.add_argument("--force", action="store_true", help="download and convert again if already installed")
+    install.add_argument("--store", default=argparse.SUPPRESS,
+                         help="model store folder (default ~/.mome/models)")
+    install.add_argument("--force", action="store_true",
+                         help="download and convert again if already installed")
     install.add_argument("--progress-json", action="store_true",
-                         help="print progress as JSON lines on stdout; a line 'cancel' on stdin stops the installation")
+                         help="print progress as JSON lines on stdout; a line 'cancel' on stdin stops "
+                         "the installation")
     install.add_argument("--registry", default=None, help="a models.json to use instead of the bundled one "
                          "(e.g. with a mirror's addresses)")
     models.set_defaults(handler=cmd_models)

@@ -181,7 +181,8 @@ def download_file(
                         f"{url}: server reports {total} bytes, expected {expected_size}; "
                         "the file changed upstream or the address is wrong"
                     )
-                written = _stream(response, part, offset, total, progress, dest.name, url, on_progress, cancel)
+                written = _stream(response, part, offset, total, progress, dest.name, url,
+                                  on_progress, cancel)
                 if total is not None and offset + written < total:
                     raise DownloadInterrupted(
                         f"{url}: connection lost after {offset + written} of {total} bytes; "
@@ -191,7 +192,9 @@ def download_file(
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:
         error = DownloadInterrupted if size < expected_size else MoMEError
-        raise error(f"{part}: got {size} bytes, expected {expected_size}; run the same command again to resume")
+        raise error(
+            f"{part}: got {size} bytes, expected {expected_size}; run the same command again to resume"
+        )
     digest = sha256_file(part)
     if expected_sha256 and digest != expected_sha256.lower():
         part.unlink()

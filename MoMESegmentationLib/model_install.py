@@ -167,7 +167,9 @@ def plan_install(
         if not source.exists():
             raise InputError(f"{source}: file not found")
         if source.is_dir():
-            raise InputError(f"{source}: is a folder; give the .pth/.pt weights or the .safetensors checkpoint")
+            raise InputError(
+                f"{source}: is a folder; give the .pth/.pt weights or the .safetensors checkpoint"
+            )
         suffix = source.suffix.lower()
         if suffix not in WEIGHTS_SUFFIXES + CHECKPOINT_SUFFIXES:
             raise InputError(
@@ -184,19 +186,22 @@ def plan_install(
             raise MoMEError(f"model '{name}' ships with MoMESegmentation; there is nothing to install")
         if not entry.is_segmentation_model:
             raise MoMEError(
-                f"model '{name}' is a {entry.kind} for `mome train --init-backbone`, not a segmentation model; "
-                f"get it with `mome models download {name}`"
+                f"model '{name}' is a {entry.kind} for `mome train --init-backbone`, not a segmentation "
+                f"model; get it with `mome models download {name}`"
             )
         target = entry.checkpoint_path(root)
         if target is None or len(Path(entry.checkpoint).parts) != 2 or target.suffix != ".safetensors":
             raise CheckpointError(
-                f"model '{name}': the registry must place its checkpoint as FOLDER/FILE.safetensors in the store"
+                f"model '{name}': the registry must place its checkpoint as FOLDER/FILE.safetensors "
+                "in the store"
             )
         if source is None:
             if not entry.source_url:
                 raise MoMEError(f"model '{name}' has no download address; install it with --file")
             if name not in importers:
-                raise MoMEError(f"model '{name}' has no converter for its download; install a checkpoint with --file")
+                raise MoMEError(
+                    f"model '{name}' has no converter for its download; install a checkpoint with --file"
+                )
             action = "download"
         elif source.suffix.lower() in WEIGHTS_SUFFIXES:
             if name not in importers:
@@ -221,7 +226,8 @@ def plan_install(
             )
         if not _NAME.match(name) or name.lower() in _RESERVED:
             raise InputError(
-                f"'{name}': a model name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+                f"'{name}': a model name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit"
             )
         target = root / name / f"{name}.safetensors"
         action, question = "copy", None
@@ -315,13 +321,14 @@ def _download_source(plan: InstallPlan, root: Path, staging: Path, progress: Pro
     for attempt in range(retries + 1):
         try:
             result = download_file(entry.source_url, destination, expected_size=entry.source_size or None,
-                                   expected_sha256=entry.source_sha256 or None, progress=False, timeout=timeout,
-                                   on_progress=report, cancel=cancel)
+                                   expected_sha256=entry.source_sha256 or None, progress=False,
+                                   timeout=timeout, on_progress=report, cancel=cancel)
             break
         except DownloadInterrupted as error:
             if attempt == retries:
-                raise DownloadInterrupted(f"{error}".replace("run the same command again to resume",
-                                                              f"gave up after {retries} resumed attempts")) from None
+                message = str(error).replace("run the same command again to resume",
+                                             f"gave up after {retries} resumed attempts")
+                raise DownloadInterrupted(message) from None
             logger.info("%s; resuming", error)
             _check(cancel, plan.name)
     progress(_DOWNLOAD_SHARE, "verify", f"sha256 {result.sha256}")
@@ -355,8 +362,8 @@ def _copy_checkpoint(plan: InstallPlan, staged: Path) -> None:
             lacking, extra = sorted(want - have), sorted(have - want)
             detail = f"lacks {lacking[0]}" if lacking else f"also has {extra[0]}"
             raise CheckpointError(
-                f"{source}: not a checkpoint of '{entry.name}': it segments {len(have)} structures, the registry "
-                f"lists {len(want)} ({detail})"
+                f"{source}: not a checkpoint of '{entry.name}': it segments {len(have)} structures, "
+                f"the registry lists {len(want)} ({detail})"
             )
     load_checkpoint(source)  # the weights fit the architecture and match the SHA-256 in the .json
     shutil.copyfile(source, staged)
@@ -424,7 +431,9 @@ def install_model(
         else:
             accepted = ask(plan.question)
         if not accepted:
-            raise Cancelled(f"installation of '{plan.name}' cancelled: the license was not accepted; nothing was written")
+            raise Cancelled(
+                f"installation of '{plan.name}' cancelled: the license was not accepted; nothing was written"
+            )
     _check(cancel, plan.name)
 
     created_root = not root.exists()
@@ -570,7 +579,8 @@ def suggest_install_name(
         if selected in importers:
             return str(selected)
         return importers[0] if importers else path.stem
-    meta = _read_description(path.with_suffix(".json")) if path.suffix.lower() in CHECKPOINT_SUFFIXES else None
+    is_checkpoint = path.suffix.lower() in CHECKPOINT_SUFFIXES
+    meta = _read_description(path.with_suffix(".json")) if is_checkpoint else None
     if meta is not None and isinstance(meta.get("structures"), list):
         have = set(map(str, meta["structures"]))
         for entry in entries.values():
@@ -590,7 +600,8 @@ def install_command(python: str, name: str, file: str | os.PathLike | None = Non
                     store: str | os.PathLike | None = None) -> list[str]:
     """The command line that installs ``name`` in a child process with JSON progress lines (the
     license must have been accepted already: it passes ``--yes``)."""
-    command = [python, "-m", "MoMESegmentationLib.cli", "models", "install", str(name), "--yes", "--progress-json"]
+    command = [python, "-m", "MoMESegmentationLib.cli", "models", "install", str(name),
+               "--yes", "--progress-json"]
     if file is not None:
         command += ["--file", os.fspath(file)]
     if store is not None:
@@ -652,12 +663,13 @@ class InstallJob:
             group = {"start_new_session": True}  # a kill reaches PythonSlicer's child interpreter too
         try:
             self._process = subprocess.Popen(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-                cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group)
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group)
         except OSError as error:
             raise MoMEError(f"cannot start the installation ({self.command[0]}): {error}") from None
         for stream, kind in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
-            thread = threading.Thread(target=self._read, args=(stream, kind), daemon=True, name=f"mome-install-{kind}")
+            thread = threading.Thread(target=self._read, args=(stream, kind), daemon=True,
+                                      name=f"mome-install-{kind}")
             thread.start()
             self._threads.append(thread)
         return self
@@ -683,7 +695,8 @@ class InstallJob:
                 break
             if line is not None:
                 events.append(self._parse(kind, line))
-        if self._cancel_at is not None and time.monotonic() > self._cancel_at and self._process.poll() is None:
+        overdue = self._cancel_at is not None and time.monotonic() > self._cancel_at
+        if overdue and self._process.poll() is None:
             logger.warning("installation process %d did not stop within %.0f s of cancel; killing it",
                            self._process.pid, self.cancel_grace_s)
             self._killed = True

@@ -114,7 +114,9 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
         if "source_sha256" in fields:
             digest = str(fields["source_sha256"] or "").strip().lower()
             if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
-                raise CheckpointError(f"{path}: model '{name}' has a malformed source_sha256 (expected 64 hex digits)")
+                raise CheckpointError(
+                    f"{path}: model '{name}' has a malformed source_sha256 (expected 64 hex digits)"
+                )
             fields["source_sha256"] = digest
         entries[name] = ModelEntry(**fields, extra={k: v for k, v in row.items() if k not in known})
     return entries
@@ -151,7 +153,8 @@ def resolve_model(name_or_path: str | Path | None, store: Path | None = None) ->
     if path is None:
         raise CheckpointError(f"model '{text}' is a backbone initialisation, not a segmentation model")
     if not path.is_file():
-        hint = f"; install it with `mome models install {text}`" if entry.source_url or entry.import_command else ""
+        installable = entry.source_url or entry.import_command
+        hint = f"; install it with `mome models install {text}`" if installable else ""
         raise CheckpointError(f"model '{text}' is not installed (expected {path}){hint}")
     return path
 

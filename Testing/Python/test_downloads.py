@@ -194,7 +194,8 @@ def test_download_model_checks_the_registry_sha256(server, tmp_path):
     wrong = _registry(tmp_path, server.url, sha256="F" * 64)
     assert wrong["test-weights"].source_sha256 == "f" * 64
     with pytest.raises(MoMEError, match="SHA-256"):
-        download_model("test-weights", store=tmp_path, yes=True, registry=wrong, echo=lambda s: None, progress=False)
+        download_model("test-weights", store=tmp_path, yes=True, registry=wrong, echo=lambda s: None,
+                       progress=False)
     assert not downloads_dir(tmp_path).joinpath("weights.pth").exists()
     right = _registry(tmp_path, server.url, sha256=SHA)
     path = download_model("test-weights", store=tmp_path, yes=True, registry=right, echo=lambda s: None,

@@ -209,7 +209,8 @@ def test_license_is_asked_first_and_declining_writes_nothing(server, tmp_path, c
     assert len(questions) == 1 and "CC BY-NC-ND 4.0" in questions[0] and "127.0.0.1" in questions[0]
 
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no terminal and no --yes: refuse, write nothing
-    code = main(["models", "install", UM, "--store", str(store), "--registry", str(registry_file(tmp_path, server.url))])
+    registry_path = registry_file(tmp_path, server.url)
+    code = main(["models", "install", UM, "--store", str(store), "--registry", str(registry_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "CC BY-NC-ND 4.0" in "\n".join(err[:-1])  # the license is shown, then one error line
     assert err[-1].startswith("mome: error:") and "--yes" in err[-1]
@@ -335,7 +336,8 @@ def test_panel_decisions(tiny, tmp_path):
     plan = plan_install(UM, store=tmp_path)
     assert plan.action == "download" and "CC BY-NC-ND 4.0" in plan.question and not plan.installed
     assert plan_install("mine", tiny, store=tmp_path).question is None  # nothing to accept for your own file
-    for name, file, message in (("demo", None, "ships with"), ("monai-swinvit-ssl", None, "not a segmentation"),
+    for name, file, message in (("demo", None, "ships with"),
+                                ("monai-swinvit-ssl", None, "not a segmentation"),
                                 ("nope", None, "unknown model"), ("bad name", tiny, "model name"),
                                 ("mine", tmp_path / "clip.pth", "not found")):
         with pytest.raises(MoMEError, match=message):
@@ -355,7 +357,8 @@ def test_panel_helpers_do_not_import_torch(tiny, tmp_path):
             f"model_choices({str(tmp_path)!r}); plan_install('universal-model', store={str(tmp_path)!r}); "
             f"suggest_install_name({str(tiny)!r}); "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
 
 
