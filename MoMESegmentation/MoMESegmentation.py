@@ -1,10 +1,10 @@
-import dataclasses
 import enum
 import importlib.util
 import logging
 import os
 import shutil
 import sys
+import time
 
 import qt
 import vtk
@@ -618,9 +618,6 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         from MoMESegmentationLib.registry import default_store
 
         path = card.checkpoint_path(default_store(), resources=MODULE_LAYOUT["resources"])
-        choice = self.modelChoice(name)
-        if choice is not None and choice.downloadable:  # the card's hint names the one-step command
-            card = dataclasses.replace(card, import_command=f"mome models install {name}")
         return model_card_html(card, installed=None if path is None else os.path.isfile(path))
 
     def modelStructures(self, name):
@@ -872,6 +869,69 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         """Run as few or as many tests as needed here."""
         self.setUp()
         self.test_SegmentSampleCT()
+        self.setUp()
+        self.test_PanelSegmentsAndLoadsProbabilityMaps()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+
+    def _sampleVolume(self):
+        import SampleData
+
+        registerSampleData()
+        volume = SampleData.downloadSample("MoMEExampleCT")
+        self.assertIsNotNone(volume)
+        return volume
+
+    def test_PanelSegmentsAndLoadsProbabilityMaps(self):
+        """The panel's own widgets: type prompts, tick probability maps, press Segment, read the table.
+
+        The cases that need Slicer's GUI; the scene logic itself is tested outside Slicer on Slicer's
+        MRML core (Testing/Python/test_slicer_scene.py).
+        """
+        volume = self._sampleVolume()
+        slicer.util.selectModule("MoMESegmentation")
+        widget = slicer.modules.momesegmentation.widgetRepresentation().self()
+        self.assertTrue(widget.logic.ensureDependencies(askConfirmation=False))
+        parameters = widget._parameterNode
+        parameters.inputVolume = volume
+        parameters.prompts = "liver, spleen"
+        parameters.probabilities = True
+        parameters.fastMode = True
+        self.assertEqual(widget.ui.promptEdit.text, "liver, spleen")
+        self.assertTrue(widget.ui.segmentButton.enabled)
+        widget.ui.segmentButton.click()
+        deadline = time.monotonic() + 600
+        while widget.logic.busy and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertFalse(widget.logic.busy, "the segmentation did not finish in 10 minutes")
+        self.assertEqual(widget.ui.resultsTable.rowCount, 2)
+        segmentationNode = parameters.outputSegmentation
+        self.assertIsNotNone(segmentationNode)
+        names = widget.logic.scene.existing_segment_names(segmentationNode)
+        maps = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n.GetAttribute("MoME.ProbabilityOf")]
+        self.assertEqual(sorted(n.GetAttribute("MoME.ProbabilityOf") for n in maps), sorted(names))
+        self.delayDisplay("Panel test passed")
+
+    def test_CancelLeavesSceneUnchanged(self):
+        """Cancel from the panel while the worker runs: node IDs and segment IDs stay as they were."""
+        volume = self._sampleVolume()
+        logic = MoMESegmentationLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        try:
+            before = logic.scene.state()
+            job = logic.segment(volume, "liver, spleen, stomach", wait=False, model="demo", device="cpu")
+            deadline = time.monotonic() + 300
+            while job.stage in ("", "queued") and time.monotonic() < deadline:
+                logic.processEvents()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            logic.cancel()
+            self.assertEqual(job.state, JobState.CANCELLED)
+            self.assertEqual(logic.scene.state(), before)
+        finally:
+            logic.shutdown()
+        self.delayDisplay("Cancel test passed")
 
     def test_SegmentSampleCT(self):
         """Segment three organs of the bundled CT with the demo model and check the segments."""

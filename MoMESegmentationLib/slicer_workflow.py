@@ -613,7 +613,9 @@ def model_card_html(entry: ModelEntry, installed: bool | None = None) -> str:
 
     parts = [f"<b>{escape(entry.title or entry.name)}</b>"]
     if installed is False:
-        hint = f" Install it with <code>{escape(entry.import_command)}</code>." if entry.import_command else ""
+        # a public download installs in one step (panel: Download and install); otherwise the importer
+        command = f"mome models install {entry.name}" if entry.source_url else entry.import_command
+        hint = f" Install it with <code>{escape(command)}</code>." if command else ""
         parts.append(f"<i>Not installed.{hint}</i>")
     if entry.description:
         parts.append(escape(entry.description))
