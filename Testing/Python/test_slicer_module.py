@@ -260,6 +260,15 @@ class ModuleImportTest(unittest.TestCase):
             self.assertIn(str(REPO), sys.path, "the library's parent folder must be put on sys.path")
             self.assertEqual(Path(module.moduleResourcePath("UI", "MoMESegmentation.ui")), UI_PATH)
             self.assertEqual([d.value for d in module.Device], ["auto", "cuda", "cpu"])
+            # The icon comes from the module's resource lookup, also from a source checkout, where
+            # ScriptedLoadableModule's own lookup (Resources/Icons beside the module file) finds nothing.
+            sys.modules["qt"].QIcon = lambda path: ("QIcon", path)
+            descriptor = module.MoMESegmentation.__new__(module.MoMESegmentation)
+            descriptor.parent = types.SimpleNamespace()
+            module.MoMESegmentation.__init__(descriptor, descriptor.parent)
+            self.assertEqual(descriptor.parent.icon, ("QIcon", str(REPO / "Resources" / "Icons" / "MoMESegmentation.png")))
+            self.assertTrue((REPO / "Resources" / "Icons" / "MoMESegmentation.png").is_file())
+            self.assertFalse((MODULE_PATH.parent / "Resources").exists(), "the source tree keeps Resources/ one folder up")
             logic = module.MoMESegmentationLogic()
             self.assertIn("demo", [card.name for card in logic.modelCards()])
             self.assertIn("not for diagnosis", logic.modelCardHtml("demo"))
