@@ -275,6 +275,10 @@ class ModuleImportTest(unittest.TestCase):
             self.assertIn("CPU threads", logic.deviceNote(2))
         finally:
             sys.path[:] = saved_path
+            # Library modules first imported here hold the stand-ins (e.g. slicer_scene's `slicer`):
+            # drop them, so that later imports get the real ones.
+            for name in [n for n in sys.modules if n.startswith("MoMESegmentationLib") and n not in saved]:
+                del sys.modules[name]
             for name, value in saved.items():
                 if value is None:
                     sys.modules.pop(name, None)
@@ -311,6 +315,15 @@ class PanelUiTest(unittest.TestCase):
         self.assertEqual(sorted(bound - fields), [], "SlicerParameterName values without a parameter")
         self.assertGreaterEqual(len(bound), 9)
         self.assertEqual(sorted(fields - bound), ["model"], "only the model list is filled and bound in code")
+
+    def test_results_table_columns_match_the_rows(self):
+        """The .ui's results table has the columns the module fills from ``ResultRow``."""
+        table = re.search(r'<widget class="QTableWidget" name="resultsTable">(.*?)</widget>', self.xml, re.S)
+        self.assertIsNotNone(table)
+        count = re.search(r'<property name="columnCount">\s*<number>(\d+)</number>', table.group(1))
+        headers = re.findall(r'<column>\s*<property name="text">\s*<string>([^<]*)</string>', table.group(1))
+        self.assertEqual(tuple(headers), ResultRow.HEADERS)
+        self.assertEqual(int(count.group(1)), len(ResultRow.HEADERS))
 
     def test_rewrite_removes_custom_classes(self):
         rewritten = self.preview.rewrite_custom_widgets(self.xml)
@@ -452,17 +465,43 @@ class PureHelpersTest(unittest.TestCase):
     def test_result_rows(self):
         summary = {"structures": [
             {"prompt": "liver", "name": "Liver", "similarity": 1.0, "found": True, "volume_ml": 1500.25,
-             "mean_probability": 0.931},
+             "mean_probability": 0.931, "uncertain_ml": 41.26},
             {"prompt": "kidny", "name": "Kidney left", "similarity": 0.74, "found": False},
             {"prompt": "bladder", "name": "Urinary bladder", "found": False, "rule": "region",
              "note": "scan covers chest only; urinary bladder lies in the pelvis"},
+            {"prompt": "spleen", "name": "Spleen", "found": False, "rule": "empty", "mean_probability": 0.0,
+             "uncertain_ml": 3.04, "note": "no voxels above threshold"},
             "junk"]}
         rows = result_rows(summary)
-        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "yes", ""))
-        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "no", ""))
+        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "41.3", "yes", ""))
+        # A summary without the figure (an older worker) shows none, not 0.
+        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "-", "no", ""))
         self.assertEqual(rows[2].cells()[-1], "[region] scan covers chest only; urinary bladder lies in the pelvis")
+        # A structure that is not found still shows where the model was unsure.
+        self.assertEqual(rows[3].cells(), ("spleen", "Spleen", "-", "-", "3.0", "no",
+                                           "[empty] no voxels above threshold"))
         self.assertEqual(len(ResultRow.HEADERS), len(rows[0].cells()))
+        column = ResultRow.HEADERS.index("Uncertain (mL)")
+        self.assertEqual(ResultRow.HEADERS[column - 1], "Mean probability")
+        self.assertEqual([row.cells()[column] for row in rows], ["41.3", "-", "-", "3.0"])
         self.assertEqual(result_rows(None), [])
+
+    def test_result_rows_from_an_engine_summary(self):
+        """The table reads what the engine writes: the summary's keys, not a copy of them."""
+        try:
+            from MoMESegmentationLib.engine import StructureResult
+        except ImportError:  # the engine needs torch, which Slicer may not have yet
+            self.skipTest("torch is not installed")
+
+        structures = [
+            StructureResult(1, "liver", "liver", "Liver", "liver", 1.0, True, (1, 2, 3), None, 1382.4, 0.878,
+                            21600, uncertain_ml=414.72),
+            StructureResult(2, "spleen", "spleen", "Spleen", "spleen", 1.0, False, (1, 2, 3), None, 0.0, 0.0,
+                            0, note="no voxels above threshold", rule="empty", uncertain_ml=12.5)]
+        rows = result_rows({"structures": [s.to_json() for s in structures]})
+        self.assertEqual([r.cells() for r in rows], [
+            ("liver", "Liver", "1382.4", "0.88", "414.7", "yes", ""),
+            ("spleen", "Spleen", "-", "-", "12.5", "no", "[empty] no voxels above threshold")])
 
     def test_model_cards_are_read_defensively(self):
         cards = load_model_cards(REPO / "Resources" / "models.json")
