@@ -8,7 +8,8 @@ Data flow (one path for every run)::
       -> MONAI sliding windows: model.encode(window)  (prompt-free, cached per window)
                                 model.decode(features, prompt embeddings [K, T])
       -> Gaussian blending of logits -> back through body crop, spacing, orientation, ROI
-      -> per-prompt sigmoid, threshold, size/confidence check, optional largest component
+      -> per-prompt sigmoid, uncertain volume (0.3 < p < 0.7), threshold, size/confidence check,
+         optional largest component
       -> SegmentationResult (masks, label map, per-structure summary)
 
 The image features of the last volume are cached per window, so a new prompt on the same volume
@@ -44,6 +45,8 @@ __all__ = [
     "StructureResult",
     "SegmentationResult",
     "Segmenter",
+    "UNCERTAIN_LOW",
+    "UNCERTAIN_HIGH",
     "resolve_device",
     "check_ct_like",
 ]
@@ -58,6 +61,11 @@ _OUTSIDE_LOGIT = -20.0
 
 #: Voxels above this (HU) count as body when cropping to the body.
 BODY_HU = -500.0
+
+#: A voxel is uncertain for a structure when its probability lies strictly between these two:
+#: ``StructureResult.uncertain_ml`` is the volume of such voxels, where a reviewer should look first.
+UNCERTAIN_LOW = 0.3
+UNCERTAIN_HIGH = 0.7
 
 #: Fast mode's spacing, relative to the model's. It must stay inside the zoom range the recipes train
 #: with (+-20 %): on the bundled CT the demo weights take 13 s instead of 48 s on 2 CPU cores at 1.2x
@@ -148,7 +156,20 @@ class PromptPlan:
 
 @dataclass
 class StructureResult:
-    """Per-structure outcome of a run (one per prompt, in prompt order)."""
+    """Per-structure outcome of a run (one per prompt, in prompt order).
+
+    Every figure is on the input grid (voxel volume from the input's spacing), from the same
+    probabilities the mask is thresholded from:
+
+    * ``volume_ml``, ``voxels``: the final mask (after the largest component); 0 when not found.
+    * ``mean_probability``: the mean probability over the voxels of the mask the rules judged (after
+      the largest component). For a found structure that is its final mask. For one that is not
+      found it is the mask a rule rejected (the final mask is empty), so that a confident mask the
+      anatomy guard refused shows as confident; 0.0 when no voxel reached the threshold.
+    * ``uncertain_ml``: the volume of the voxels whose probability lies strictly between
+      :data:`UNCERTAIN_LOW` and :data:`UNCERTAIN_HIGH`, inside and outside the mask, for every
+      structure, found or not (inside the ROI when there is one: outside it the probability is 0).
+    """
 
     label: int  # value in the label map (1-based, prompt order)
     prompt: str
@@ -166,6 +187,7 @@ class StructureResult:
     #: which rule made it not found: "empty", "size", "confidence", or the anatomy guard's
     #: "region", "position", "volume" (see :mod:`MoMESegmentationLib.anatomy`); "" when found
     rule: str = ""
+    uncertain_ml: float = 0.0
 
     def to_json(self) -> dict:
         return {
@@ -173,6 +195,7 @@ class StructureResult:
             "similarity": round(float(self.similarity), 4), "found": self.found,
             "terminology": self.terminology, "color": list(self.color),
             "volume_ml": round(float(self.volume_ml), 3), "mean_probability": round(float(self.mean_probability), 4),
+            "uncertain_ml": round(float(self.uncertain_ml), 3),
             "voxels": int(self.voxels), "note": self.note, "rule": self.rule,
         }
 
@@ -626,6 +649,7 @@ class Segmenter:
             full[box] = self._to_input_grid(logits[index], prep, sub.shape)[inner]
             if touching is not None:
                 full[box] *= touching
+            uncertain = int(((full > UNCERTAIN_LOW) & (full < UNCERTAIN_HIGH)).sum())
             mask = full >= self.threshold
             if largest_component and bool(mask.any()):
                 mask = torch.from_numpy(_largest_component(mask.cpu().numpy())).to(post)
@@ -648,10 +672,12 @@ class Segmenter:
                 label=label, prompt=plan.prompt, id=plan.structure_id, name=plan.name,
                 match=plan.structure_id, similarity=plan.similarity, found=found, color=plan.color,
                 terminology=plan.terminology, volume_ml=volume_ml if found else 0.0,
-                mean_probability=mean_prob, voxels=voxels if found else 0, note=note, rule=rule))
+                mean_probability=mean_prob, voxels=voxels if found else 0, note=note, rule=rule,
+                uncertain_ml=uncertain * volume.voxel_volume_ml))
             masks.append(mask.cpu().numpy())
             if probabilities:
                 probs.append(full.cpu().numpy())
+            del full, take  # one structure's full-size probabilities at a time, not two
         labelmap = labelmap.cpu().numpy().astype(np.uint8 if len(plans) < 256 else np.uint16)
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - start

@@ -206,6 +206,145 @@ def test_rules_and_notes_of_structures_not_found(segmenter, network):
         points, small_low, small_high, margin(volume))] == 1).all()  # 0.982 beats 0.57
 
 
+# --------------------------------------------------------------- confidence: mean p and uncertain volume
+#: The ramp phantom: from x = CENTRE + RAMP_START on, the organ fills the scan (it reaches past every
+#: other face of the volume), its HU rising by RAMP_HU_PER_MM along x. The stub turns HU into a logit
+#: that is linear in x, so both linear resamplings reproduce it exactly and the probability at every
+#: voxel centre is known: sigmoid((x - RAMP_HALF_P) * RAMP_LOGIT_PER_MM), 0.5 at RAMP_HALF_P, and
+#: between 0.3 and 0.7 for |x - RAMP_HALF_P| < RAMP_BAND_MM. The only face inside the scan, at
+#: RAMP_START, lies where the probability is far below 0.3 on both sides, so it adds no uncertain rim.
+RAMP_START, RAMP_HALF_P, RAMP_BAND_MM, RAMP_HU_PER_MM = -40.0, 1.0, 13.5, 1.5
+RAMP_LOGIT_PER_MM = math.log(0.7 / 0.3) / RAMP_BAND_MM
+RAMP_HU_AT_HALF = 125.0
+
+
+def ramp_phantom(name):
+    direction, spacing, shape = geometry(name)
+    low, high = box((RAMP_START, -1000, -1000), (1000, 1000, 1000))
+
+    def hu(points):
+        return RAMP_HU_AT_HALF + RAMP_HU_PER_MM * (points[:, 0] - CENTRE[0] - RAMP_HALF_P)
+
+    return make_phantom(shape, spacing, direction, CENTRE, [(low, high, hu)])
+
+
+def ramp_logit(hu: torch.Tensor) -> torch.Tensor:
+    """The stub's rule on the ramp phantom: linear in x inside the organ (HU 63..241), -60 outside."""
+    inside = (hu - RAMP_HU_AT_HALF) * (RAMP_LOGIT_PER_MM / RAMP_HU_PER_MM)
+    return torch.where(hu > 25, inside, torch.full_like(hu, -60.0))
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def known_ramp_logit(points) -> np.ndarray:
+    """The logit the ramp phantom's definition gives at LPS ``points`` (the organ starts at RAMP_START)."""
+    x = points[..., 0] - CENTRE[0]
+    return np.where(x >= RAMP_START, (x - RAMP_HALF_P) * RAMP_LOGIT_PER_MM, -60.0)
+
+
+def spleen_on_ramp(logit):
+    """A second structure on the same ramp, flatter and lower: never 0.5 anywhere in these scans (not
+    found), yet between 0.3 and 0.7 over the far end of the organ."""
+    return 0.25 * logit - 1.5
+
+
+@pytest.mark.parametrize("name", ["identity", "flipped", "permuted"])
+def test_uncertain_volume_and_mean_probability_of_a_known_ramp(segmenter, network, name):
+    """``uncertain_ml`` is the volume (input grid, input spacing) where 0.3 < p < 0.7, for a found and
+    a not-found structure; ``mean_probability`` is the mean of the known probabilities over the mask
+    (0 when no voxel reaches 0.5)."""
+    volume = ramp_phantom(name)
+    network({"liver": ramp_logit, "spleen": lambda hu: spleen_on_ramp(ramp_logit(hu))})
+    result = segmenter.segment(volume, "liver, spleen", anatomy_guard=False, probabilities=True)
+    liver, spleen = result.structures
+    points = centres(result)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000  # the input's own spacing, not the model's 3 mm
+    logit = known_ramp_logit(points)
+    known = {"liver": sigmoid(logit), "spleen": sigmoid(spleen_on_ramp(logit))}
+    # The question is well posed: no voxel centre lies within 0.25 mm of a band edge or of p = 0.5.
+    x = points[..., 0] - CENTRE[0] - RAMP_HALF_P
+    spleen_edge = (1.5 - math.log(0.7 / 0.3)) / 0.25 / RAMP_LOGIT_PER_MM  # spleen_on_ramp = logit(0.3) here
+    for edge in (-RAMP_BAND_MM, 0.0, RAMP_BAND_MM, spleen_edge):
+        assert np.abs(x - edge).min() > 0.25
+
+    # Liver: found, the band |x - RAMP_HALF_P| < RAMP_BAND_MM across the whole scan.
+    assert liver.found
+    band = (known["liver"] > 0.3) & (known["liver"] < 0.7)
+    np.testing.assert_array_equal(band, np.abs(x) < RAMP_BAND_MM)
+    assert liver.uncertain_ml == pytest.approx(band.sum() * voxel_ml, abs=1e-6)
+    # The same region in physical terms: the slab 2 * RAMP_BAND_MM thick times the scan's cross-section
+    # (voxel faces included); the grid holds it to within one layer of voxels.
+    along_x = int(np.argmax(np.abs(volume.direction[0])))
+    extent = np.asarray(volume.shape) * np.asarray(volume.spacing)
+    cross_section = float(np.prod(np.delete(extent, along_x)))
+    layer_ml = volume.spacing[along_x] * cross_section / 1000
+    assert liver.uncertain_ml == pytest.approx(2 * RAMP_BAND_MM * cross_section / 1000, abs=layer_ml)
+    # Mean probability: over the mask (x > RAMP_HALF_P), of the probabilities known from the phantom.
+    mask = result.masks[0]
+    np.testing.assert_array_equal(mask, x > 0)
+    assert liver.mean_probability == pytest.approx(known["liver"][mask].mean(), abs=1e-3)
+    assert liver.mean_probability == pytest.approx(float(result.probabilities[0][mask].mean()), abs=1e-6)
+
+    # Spleen: not found (nothing reaches 0.5), yet uncertain over the organ's far end.
+    assert not spleen.found and spleen.rule == "empty" and not result.masks[1].any()
+    assert spleen.mean_probability == 0.0 and spleen.volume_ml == 0.0
+    band = (known["spleen"] > 0.3) & (known["spleen"] < 0.7)
+    np.testing.assert_array_equal(band, x > spleen_edge)
+    assert band.sum() > 100
+    assert spleen.uncertain_ml == pytest.approx(band.sum() * voxel_ml, abs=1e-6)
+
+    # The summary carries both, rounded; the probability maps written agree with the figures.
+    summary = result.summary()["structures"]
+    assert [s["uncertain_ml"] for s in summary] == [round(s.uncertain_ml, 3) for s in result.structures]
+    assert [s["mean_probability"] for s in summary] == [round(liver.mean_probability, 4), 0.0]
+    for structure, probability in zip(result.structures, result.probabilities):
+        uncertain = int(((probability > 0.3) & (probability < 0.7)).sum())
+        assert structure.uncertain_ml == pytest.approx(uncertain * voxel_ml, abs=1e-6)
+
+
+def test_uncertain_volume_counts_only_the_roi(segmenter, network):
+    """Outside an ROI nothing is segmented, so nothing there is uncertain either."""
+    volume = ramp_phantom("identity")
+    network({"liver": ramp_logit})
+    low, high = box((-30.0, -21.0, -17.0), (30.0, 23.0, 25.0))  # cuts the band
+    result = segmenter.segment(volume, "liver", roi=[low, high], anatomy_guard=False)
+    points = centres(result)
+    half = 0.5 * np.asarray(volume.spacing)
+    touching = np.all((points + half > low) & (points - half < high), axis=-1)
+    p = sigmoid(known_ramp_logit(points))
+    band = (p > 0.3) & (p < 0.7)
+    assert 0 < (band & touching).sum() < 0.5 * band.sum()
+    assert result.structures[0].uncertain_ml == pytest.approx(
+        (band & touching).sum() * volume.voxel_volume_ml, abs=1e-6)
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_mean_probability_is_over_the_final_mask(segmenter, network, largest):
+    """A big blob at p = sigmoid(1) and a small one at sigmoid(4): the small one raises the mean only
+    while it is part of the mask."""
+    big_low, big_high = box((-40, -20, -20), (0, 20, 20))
+    small_low, small_high = box((20, -12, -12), (44, 12, 12))
+    volume = make_phantom((40, 36, 30), (4.0, 4.0, 4.0), centre=CENTRE,
+                          boxes=[(big_low, big_high, ORGAN_HU), (small_low, small_high, 250.0)])
+    network({"liver": lambda hu: torch.where(hu > 200, 4.0, torch.where(hu > LEVEL, 1.0, -60.0))})
+    result = segmenter.segment(volume, "liver", anatomy_guard=False, largest_component=largest,
+                               probabilities=True)
+    structure, mask, p = result.structures[0], result.masks[0], result.probabilities[0]
+    assert structure.found
+    assert structure.mean_probability == pytest.approx(float(p[mask].mean()), abs=1e-6)
+    points, m = centres(result), margin(volume)
+    big, small = in_box(points, big_low, big_high, -m), in_box(points, small_low, small_high, -m)
+    assert mask[big].all() and mask[small].all() != largest
+    np.testing.assert_allclose(p[big], sigmoid(1.0), atol=1e-5)
+    np.testing.assert_allclose(p[small], sigmoid(4.0), atol=1e-5)
+    if largest:  # the big blob alone: its faces (a voxel of lower probability) pull the mean a little
+        assert sigmoid(1.0) - 0.03 < structure.mean_probability <= sigmoid(1.0) + 1e-6
+    else:
+        assert structure.mean_probability > sigmoid(1.0) + 0.03
+
+
 # ----------------------------------------------------------------------------------------- overlaps
 def test_overlaps_go_to_the_more_probable_structure_per_voxel(segmenter, network):
     """Two structures cover the same box; which is more probable changes along x. The label map follows
