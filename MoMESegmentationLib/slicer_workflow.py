@@ -417,17 +417,22 @@ class ResultRow:
     matched: str  # the structure it was matched to (display name)
     similarity: float  # prompt-to-vocabulary similarity, 1.0 for an exact match
     volume_ml: float
-    mean_probability: float
+    mean_probability: float  # over the final mask
     found: bool
     note: str = ""  # why not found: "[rule] reason", e.g. "[region] scan covers head only; ..."
+    #: volume (mL) where the probability is between 0.3 and 0.7, found or not; None when the summary
+    #: has no such figure (a worker from before it was reported)
+    uncertain_ml: float | None = None
 
-    HEADERS = ("Structure", "Matched term", "Volume (mL)", "Mean probability", "Found", "Why not found")
+    HEADERS = ("Structure", "Matched term", "Volume (mL)", "Mean probability", "Uncertain (mL)", "Found",
+               "Why not found")
 
-    def cells(self) -> tuple[str, str, str, str, str, str]:
+    def cells(self) -> tuple[str, str, str, str, str, str, str]:
         matched = self.matched if self.similarity >= 0.999 else f"{self.matched} ({self.similarity:.2f})"
         return (self.structure, matched, f"{self.volume_ml:.1f}" if self.found else "-",
-                f"{self.mean_probability:.2f}" if self.found else "-", "yes" if self.found else "no",
-                "" if self.found else self.note)
+                f"{self.mean_probability:.2f}" if self.found else "-",
+                "-" if self.uncertain_ml is None else f"{self.uncertain_ml:.1f}",
+                "yes" if self.found else "no", "" if self.found else self.note)
 
 
 def result_rows(summary: dict | None) -> list[ResultRow]:
@@ -445,6 +450,7 @@ def result_rows(summary: dict | None) -> list[ResultRow]:
             mean_probability=_float(entry.get("mean_probability"), 0.0),
             found=bool(entry.get("found")),
             note=_note(entry),
+            uncertain_ml=_float(entry.get("uncertain_ml"), None),
         ))
     return rows
 
@@ -454,7 +460,7 @@ def _note(entry: dict) -> str:
     return f"[{rule}] {note}" if rule and note else note
 
 
-def _float(value: Any, default: float) -> float:
+def _float(value: Any, default: float | None) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
