@@ -44,15 +44,19 @@ class _ProgressBar:
         self._bar.close()
 
 
-def _print_table(structures, dice: dict[str, float] | None = None, stream=sys.stdout) -> None:
-    header = f"{'#':>3}  {'structure':<26} {'match':<24} {'found':<5} {'volume mL':>10} {'mean p':>7}"
+def _print_table(structures, dice: dict[str, float] | None = None, stream=None) -> None:
+    """One row per structure, with the volume where the model is unsure (probability between 0.3 and
+    0.7), found or not."""
+    stream = sys.stdout if stream is None else stream  # the current stdout, not the one at import
+    header = (f"{'#':>3}  {'structure':<26} {'match':<24} {'found':<5} {'volume mL':>10} {'mean p':>7} "
+              f"{'uncertain mL':>12}")
     if dice is not None:
         header += f" {'Dice':>6}"
     print(header, file=stream)
     print("-" * len(header), file=stream)
     for s in structures:
         row = (f"{s.label:>3}  {s.name[:26]:<26} {(s.match or '-')[:24]:<24} {'yes' if s.found else 'no':<5} "
-               f"{s.volume_ml:>10.1f} {s.mean_probability:>7.2f}")
+               f"{s.volume_ml:>10.1f} {s.mean_probability:>7.2f} {s.uncertain_ml:>12.1f}")
         if dice is not None:
             value = dice.get(s.id or "")
             row += f" {value:>6.3f}" if value is not None else f" {'-':>6}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine_fixtures import (
     ORGAN_HU,
@@ -195,6 +196,49 @@ def test_segment_writes_the_organ_where_it_is(checkpoint, tmp_path, capsys, monk
     assert liver_row["volume_ml"] == pytest.approx(truth.sum() * 4.0 * 4.5 * 5.0 / 1000, rel=0.15)
     assert not spleen_row["found"] and spleen_row["rule"] == "empty" and spleen_row["volume_ml"] == 0
     assert summary["anatomy_guard"] is False
+
+
+def test_segment_table_shows_the_uncertain_volume(checkpoint, tmp_path, capsys, monkeypatch):
+    """The printed table has an "uncertain mL" column next to the mean probability, the summary's figure
+    for every structure, also for one that is not found. With known probabilities: the liver is sure
+    (p = 0.9997 inside its box), the spleen is p = 0.40 over the whole body, so never found and
+    uncertain over the body's volume."""
+    from MoMESegmentationLib.engine import Segmenter
+
+    install = Segmenter.__init__
+
+    def with_stub(self, *args, **kwargs):
+        install(self, *args, **kwargs)
+        self.model = IntensityNetwork(self, {
+            "liver": step(ORGAN_HU / 2),
+            "spleen": lambda hu: torch.where(hu > -100, torch.full_like(hu, -0.4), torch.full_like(hu, -8.0)),
+        })
+
+    monkeypatch.setattr(Segmenter, "__init__", with_stub)
+    centre = np.array([-40.0, 25.0, 310.0])
+    phantom = make_phantom((40, 36, 30), (4.0, 4.5, 5.0), np.eye(3), centre,
+                           [(centre - 20.0, centre + 20.0, ORGAN_HU)])
+    write_volume(phantom, tmp_path / "ct.nrrd")
+    out = tmp_path / "seg.nii.gz"
+    code, stdout, stderr = run(["segment", tmp_path / "ct.nrrd", "-p", "liver, spleen", "-o", out, "--model",
+                                checkpoint, "--device", "cpu", "--no-anatomy-guard"], capsys)
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "seg.json").read_text())["structures"]
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("#"))
+    assert lines[header].split()[-2:] == ["uncertain", "mL"]
+    columns = lines[header].split()
+    assert columns.index("uncertain") == columns.index("p") + 1  # next to the mean probability
+    liver, spleen = (line.split() for line in lines[header + 2:header + 4])
+    assert liver[:4] == ["1", "Liver", "liver", "yes"] and spleen[:4] == ["2", "Spleen", "spleen", "no"]
+    assert [liver[5], spleen[5]] == [f"{row['mean_probability']:.2f}" for row in summary]
+    assert spleen[5] == "0.00"  # no voxel reached 0.5
+    assert [liver[6], spleen[6]] == [f"{row['uncertain_ml']:.1f}" for row in summary]
+    assert spleen[7:9] == ["[empty]", "no"]
+    body_ml = (phantom.array > -500).sum() * phantom.voxel_volume_ml
+    # The body less about a voxel of its surface (the model's grid here is 6 mm).
+    assert 0.6 * body_ml < summary[1]["uncertain_ml"] <= body_ml
+    assert summary[0]["uncertain_ml"] < 0.1 * summary[1]["uncertain_ml"]  # only the rim of the box
 
 
 def test_evaluate_writes_csv_and_png(tmp_path, capsys):
