@@ -239,3 +239,39 @@ def test_resample_to_grid_linear_reproduces_a_linear_ramp():
     inside = np.isfinite(result.array)
     assert inside.mean() > 0.5
     np.testing.assert_allclose(result.array[inside], expected[inside], atol=1e-3)
+
+
+# ------------------------------------------------------------------ behaviour at the edges
+def test_resampling_in_slabs_equals_one_slab():
+    """The output is computed in slabs of ``chunk_voxels``; slab borders must not show."""
+    rng = np.random.default_rng(3)
+    volume = Volume(rng.normal(size=(9, 7, 5)).astype(np.float32), spacing=(1.0, 1.3, 2.0),
+                    origin=(0.5, -1.0, 2.0), direction=np.eye(3))
+    reference = Volume(np.zeros((13, 6, 4), np.float32), spacing=(0.7, 1.5, 2.2), origin=(0.0, -1.2, 1.0),
+                       direction=np.eye(3))
+    whole = resample_to_grid(volume, reference, "linear", fill_value=-7.0)
+    for chunk in (6 * 4, 3 * 6 * 4, 5 * 6 * 4 + 1):  # one row of I per slab, three rows, five rows
+        sliced = resample_to_grid(volume, reference, "linear", fill_value=-7.0, chunk_voxels=chunk)
+        np.testing.assert_array_equal(sliced.array, whole.array)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+def test_a_target_voxel_within_half_a_voxel_of_the_edge_is_sampled_and_beyond_it_filled(mode):
+    """Source voxels cover index -0.5 .. n - 0.5 on each axis: inside takes the edge value, outside the fill."""
+    source = np.arange(4 * 3 * 3, dtype=np.float32).reshape(4, 3, 3) + 100
+    volume = Volume(source, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    # target centres along i at source indices -0.6, -0.4, 3.4, 3.6 (j = k = 1)
+    positions = [-0.6, -0.4, 3.4, 3.6]
+    for i_source, inside in zip(positions, [False, True, True, False]):
+        reference = Volume(np.zeros((1, 1, 1), np.float32), spacing=(1.0, 1.0, 1.0),
+                           origin=(i_source, 1.0, 1.0), direction=np.eye(3))
+        value = float(resample_to_grid(volume, reference, mode, fill_value=-1.0).array[0, 0, 0])
+        edge = source[0 if i_source < 0 else 3, 1, 1]
+        assert value == (pytest.approx(edge) if inside else -1.0), (mode, i_source)
+
+
+@pytest.mark.parametrize("codes", ["RA", "RASI", "RAX", "RRS", "", "LPQ"])
+def test_bad_orientation_codes_are_refused_by_name(codes):
+    volume = Volume(np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=repr(codes).replace("[", r"\[")):
+        canonicalize(volume, codes)
