@@ -22,8 +22,8 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), spacing=3.0)
 
 
-@pytest.fixture(scope="module")
-def run(checkpoint):
+@pytest.fixture
+def run(checkpoint):  # function scope: see test_montage.py's fixture
     segmenter = Segmenter(checkpoint, device="cpu")
     segmenter.model = IntensityNetwork(segmenter, {"liver": step(LEVEL), "kidney_left": step(LEVEL),
                                                    "spleen": never})

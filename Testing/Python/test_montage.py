@@ -31,9 +31,11 @@ def band(low: float, high: float):
     return lambda hu: torch.where((hu > low) & (hu < high), torch.full_like(hu, 8.0), torch.full_like(hu, -8.0))
 
 
-@pytest.fixture(scope="module")
-def montage(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("montage")
+@pytest.fixture
+def montage(tmp_path):
+    # Function scope on purpose: each test renders its own montage (2 s), so that a mutation tester
+    # that runs only the tests that reach render_montage sees every check, not the first test's only.
+    folder = tmp_path
     segmenter = Segmenter(make_tiny_checkpoint(folder / "ckpt", spacing=3.0), device="cpu")
     segmenter.model = IntensityNetwork(segmenter, {
         "liver": band((TISSUE_HU + ORGAN_HU) / 2, (ORGAN_HU + KIDNEY_HU) / 2),
@@ -94,6 +96,11 @@ def test_axial_panels_show_the_patients_right_on_the_left(montage):
             seen["kidney"] += 1
             assert kidney_pixels[:, 1].min() > middle
     assert seen == {"liver": 1, "kidney": 1}
+    # the liver box is 35 mm (left-right) by 40 mm (front-back): the axial aspect follows the spacing
+    liver_pixels = colour_pixels(axials[1] if colour_pixels(axials[1], overlay_colour(liver, ORGAN_HU)).size
+                                 else axials[0], overlay_colour(liver, ORGAN_HU))
+    height, width = np.ptp(liver_pixels[:, 0]) + 1, np.ptp(liver_pixels[:, 1]) + 1
+    assert height / width == pytest.approx(40 / 35, rel=0.12)
 
 
 def test_coronal_panel_shows_the_head_up(montage):
