@@ -7,6 +7,8 @@ checked for its value, not only its presence. The network is the fault-injection
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -29,8 +31,10 @@ def run(checkpoint):  # function scope: see test_montage.py's fixture
                                                    "spleen": never})
     volume = make_phantom((30, 30, 30), (4.0, 4.0, 4.0), boxes=[((-20, -20, -20), (20, 20, 20), ORGAN_HU)])
     events = []
+    started = time.perf_counter()
     result = segmenter.segment(volume, "liver, left kidney, spleen", anatomy_guard=False,
                                progress=lambda fraction, stage, message: events.append((fraction, stage, message)))
+    result.wall_s = time.perf_counter() - started
     return segmenter, result, events
 
 
@@ -46,7 +50,7 @@ def test_summary_names_the_model_and_what_each_prompt_became(run, checkpoint):
     timings = summary["timings_s"]
     assert set(timings) == {"preprocess", "inference", "postprocess", "total"}
     assert all(value >= 0 for value in timings.values())
-    assert timings["total"] >= timings["inference"]
+    assert timings["inference"] <= timings["total"] <= result.wall_s + 1e-3
 
 
 def test_progress_rises_to_done_with_the_count_found(run):
