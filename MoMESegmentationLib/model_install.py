@@ -41,7 +41,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from urllib.parse import urlparse
 
 from .errors import Cancelled, CheckpointError, InputError, MoMEError
 from .registry import ModelEntry, default_store, load_registry
+from .worker_client import kill_tree
 
 __all__ = [
     "InstallPlan",
@@ -700,7 +700,7 @@ class InstallJob:
             logger.warning("installation process %d did not stop within %.0f s of cancel; killing it",
                            self._process.pid, self.cancel_grace_s)
             self._killed = True
-            _kill_tree(self._process)
+            kill_tree(self._process)
         if self._process.poll() is not None and all(not t.is_alive() for t in self._threads):
             while True:  # what the readers queued before they ended
                 try:
@@ -766,7 +766,7 @@ class InstallJob:
             self._process.stdin.flush()
         except (OSError, ValueError, AttributeError):
             self._killed = True
-            _kill_tree(self._process)
+            kill_tree(self._process)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
         """Poll until the job ends (for scripts and tests); returns the state."""
@@ -781,21 +781,6 @@ class InstallJob:
     def __del__(self) -> None:  # never leave an orphan behind
         try:
             if self._process is not None and self._process.poll() is None:
-                _kill_tree(self._process)
+                kill_tree(self._process)
         except Exception:
             pass
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    if sys.platform == "win32":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-    else:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if process.poll() is None:
-        process.kill()

@@ -374,7 +374,7 @@ class WorkerClient:
         process = self._process
         if process is None:
             return
-        _kill_tree(process)
+        kill_tree(process)
         try:
             process.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
@@ -405,13 +405,14 @@ class WorkerClient:
     def __del__(self) -> None:  # best effort: never leave an orphan worker behind
         try:
             if self._process is not None:
-                _kill_tree(self._process)
+                kill_tree(self._process)
         except Exception:
             pass
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill the worker and its children (the launcher's real interpreter), even if the launcher is gone."""
+def kill_tree(process: subprocess.Popen) -> None:
+    """Kill a child started in its own session and its children (e.g. PythonSlicer's real
+    interpreter), even if the launcher is gone."""
     if sys.platform == "win32":
         if process.poll() is None:
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
