@@ -43,3 +43,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def core():
+    """Slicer's MRML core from the ``slicer-core`` wheel, one per test session (see slicer_core.py).
+
+    Skips, naming the reason, where slicer-core is not installed. Tests that add nodes clear the
+    scene afterwards (``core.clear()``).
+    """
+    from MoMESegmentationLib import slicer_core
+
+    reason = slicer_core.available()
+    if reason:
+        pytest.skip(reason)
+    return slicer_core.start()

@@ -19,11 +19,6 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 SHAPE = (16, 18, 20)  # (k, j, i): 20 x 18 x 16 voxels
 
 
-@pytest.fixture(scope="session")
-def core():
-    return slicer_core.start()
-
-
 @pytest.fixture
 def scene(core):
     core.clear()

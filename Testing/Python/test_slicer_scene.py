@@ -34,11 +34,6 @@ PROMPTS = "liver, spleen, left kidney"
 # ---------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def core():
-    return slicer_core.start()
-
-
 @pytest.fixture
 def scene(core):
     from MoMESegmentationLib.slicer_scene import SlicerScene
@@ -347,23 +342,32 @@ def test_second_run_keeps_or_replaces_segments(scene, worker_client, tmp_path):
     assert segmentation_layers(segmentation)[0] <= 2  # liver twice cannot share one layer
 
 
-def test_cancel_leaves_node_and_segment_ids_exactly_as_before(scene, worker_client, tmp_path):
-    from MoMESegmentationLib.slicer_workflow import JobState, SegmentationOptions
+def start_a_long_job(scene, worker_client, tmp_path, prompts):
+    """A segmentation into an earlier result, on a new (tilted) volume, caught while the worker runs.
 
-    volume = load_ct(scene)
+    The worker has no cached features for the new volume, so the job lasts a while. Returns the
+    workflow, the job and the scene's state before the job.
+    """
+    from MoMESegmentationLib.slicer_workflow import SegmentationOptions
+
     workflow = workflow_for(scene, worker_client, tmp_path)
-    target = run(workflow, volume, "spleen").result_ref
-    before = scene.state()
-    # a new volume: the worker has no cached features and needs a while
+    target = run(workflow, load_ct(scene), "spleen").result_ref
     other = load_ct(scene, name="CT copy")
     set_ijk_to_ras(other, rotation((0, 1, 0), 5) @ ijk_to_ras(other))
     before = scene.state()
-    job = workflow.start(other, "liver, stomach", target, SegmentationOptions(model="demo", device="cpu", threads=2))
+    job = workflow.start(other, prompts, target, SegmentationOptions(model="demo", device="cpu", threads=2))
     deadline = time.monotonic() + 120
     while job.stage in ("", "queued") and time.monotonic() < deadline:
         workflow.process_events()
         time.sleep(0.05)
     assert job.stage not in ("", "queued"), "the worker never started the job"
+    return workflow, job, before
+
+
+def test_cancel_leaves_node_and_segment_ids_exactly_as_before(scene, worker_client, tmp_path):
+    from MoMESegmentationLib.slicer_workflow import JobState
+
+    workflow, job, before = start_a_long_job(scene, worker_client, tmp_path, "liver, stomach")
     workflow.cancel()  # True when the worker stopped by itself, False when it had to be killed
     assert job.state == JobState.CANCELLED
     assert scene.state() == before
@@ -371,20 +375,9 @@ def test_cancel_leaves_node_and_segment_ids_exactly_as_before(scene, worker_clie
 
 
 def test_a_worker_that_crashes_leaves_the_scene_exactly_as_before(scene, worker_client, tmp_path):
-    from MoMESegmentationLib.slicer_workflow import JobState, SegmentationOptions
+    from MoMESegmentationLib.slicer_workflow import JobState
 
-    volume = load_ct(scene)
-    workflow = workflow_for(scene, worker_client, tmp_path)
-    target = run(workflow, volume, "spleen").result_ref
-    other = load_ct(scene, name="CT copy")
-    set_ijk_to_ras(other, rotation((1, 0, 0), 4) @ ijk_to_ras(other))
-    before = scene.state()
-    job = workflow.start(other, "liver", target, SegmentationOptions(model="demo", device="cpu", threads=2))
-    deadline = time.monotonic() + 120
-    while job.stage in ("", "queued") and time.monotonic() < deadline:
-        workflow.process_events()
-        time.sleep(0.05)
-    assert job.stage not in ("", "queued"), "the worker never started the job"
+    workflow, job, before = start_a_long_job(scene, worker_client, tmp_path, "liver")
     os.kill(worker_client.pid, signal.SIGKILL)  # as if the system killed it for memory
     workflow.wait(timeout=60)
     assert job.state == JobState.FAILED and job.error
