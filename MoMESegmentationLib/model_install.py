@@ -682,19 +682,23 @@ class InstallJob:
             pass
         self._lines.put((kind, None))
 
-    def poll(self) -> list[dict]:
-        """New events since the last call (never blocks): ``{"event": "progress"|"done"|"error"|"log", ...}``;
-        the job's state is updated, and the last event of a finished job is ``{"event": "finished"}``."""
-        events: list[dict] = []
-        if self._process is None or not self.running:
-            return events
+    def _drain(self) -> list[dict]:
+        """The events parsed from the lines the reader threads queued so far."""
+        events = []
         while True:
             try:
                 kind, line = self._lines.get_nowait()
             except queue.Empty:
-                break
+                return events
             if line is not None:
                 events.append(self._parse(kind, line))
+
+    def poll(self) -> list[dict]:
+        """New events since the last call (never blocks): ``{"event": "progress"|"done"|"error"|"log", ...}``;
+        the job's state is updated, and the last event of a finished job is ``{"event": "finished"}``."""
+        if self._process is None or not self.running:
+            return []
+        events = self._drain()
         overdue = self._cancel_at is not None and time.monotonic() > self._cancel_at
         if overdue and self._process.poll() is None:
             logger.warning("installation process %d did not stop within %.0f s of cancel; killing it",
@@ -702,13 +706,7 @@ class InstallJob:
             self._killed = True
             kill_tree(self._process)
         if self._process.poll() is not None and all(not t.is_alive() for t in self._threads):
-            while True:  # what the readers queued before they ended
-                try:
-                    kind, line = self._lines.get_nowait()
-                except queue.Empty:
-                    break
-                if line is not None:
-                    events.append(self._parse(kind, line))
+            events += self._drain()  # what the readers queued before they ended
             self._finish(self._process.returncode)
             events.append({"event": "finished", "state": self.state})
         return events
