@@ -48,6 +48,9 @@ def findModuleLayout(moduleDir):
 
 
 MODULE_LAYOUT = findModuleLayout(os.path.dirname(os.path.abspath(__file__)))
+# MoMESlicer/ (the Qt-free scene layer) sits beside this file; Slicer puts this folder on sys.path.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if MODULE_LAYOUT["libraryParent"] and MODULE_LAYOUT["libraryParent"] not in sys.path:
     sys.path.insert(0, MODULE_LAYOUT["libraryParent"])
 
@@ -83,7 +86,7 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     install_torch,
     update_recent_prompts,
 )
-from MoMESegmentationLib.slicer_scene import SlicerScene  # noqa: E402
+from MoMESlicer.scene import SlicerScene  # noqa: E402
 from MoMESegmentationLib.worker_client import WorkerClient  # noqa: E402
 
 

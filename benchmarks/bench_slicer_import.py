@@ -1,7 +1,7 @@
 """Memory of a result imported into Slicer's scene: one labelmap layer per segment, or shared layers.
 
 ``CopySegmentFromSegmentation`` gives every copied segment its own full-size labelmap layer.
-:class:`MoMESegmentationLib.slicer_scene.SlicerScene` collapses them afterwards
+:class:`MoMESlicer.scene.SlicerScene` (``MoMESegmentation/MoMESlicer/``) collapses them afterwards
 (``vtkSegmentation::CollapseBinaryLabelmaps``), so non-overlapping segments share one layer, as
 after Slicer's own imports. This benchmark imports one result with many structures both ways, on
 Slicer's own MRML classes (``slicer-core``), and reports layers, bytes held by the layers, the
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MoMESegmentation"))  # MoMESlicer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MoMESegmentationLib import slicer_core  # noqa: E402
@@ -53,7 +54,7 @@ def write_result(folder: Path, count: int) -> tuple[Path, list[str]]:
 
 
 def measure(core, seg_path: Path, collapse: bool) -> dict:
-    from MoMESegmentationLib.slicer_scene import SlicerScene, segmentation_layers
+    from MoMESlicer.scene import SlicerScene, segmentation_layers
 
     core.clear()
     gc.collect()

@@ -4,7 +4,7 @@ The bundled CT (``Resources/SampleData/example_ct.nii.gz``) is segmented with th
 weights (``mome segment ... --fast``, written as a Slicer ``.seg.nrrd``), or an existing result is
 taken with ``--segmentation``. Both files are then read by Slicer's own storage nodes into a scene
 of Slicer's MRML core (``slicer-core`` from PyPI, no Qt; see ``MoMESegmentationLib/slicer_core.py``)
-and drawn by Slicer's slice logic and displayable managers (``MoMESegmentationLib/slicer_render.py``):
+and drawn by Slicer's slice logic and displayable managers (``MoMESegmentation/MoMESlicer/render.py``):
 
 * ``slicer_axial.png``   -- the Red slice view, axial, through the level that cuts the most segments;
 * ``slicer_coronal.png`` -- the Green slice view, coronal, chosen the same way;
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for folder in (REPO_ROOT / "MoMESegmentation", REPO_ROOT):  # MoMESlicer, then the library
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 from MoMESegmentationLib import slicer_core  # noqa: E402
 
@@ -62,7 +63,7 @@ def segment(ct: Path, prompts: str, output: Path, model: str | None = None) -> P
 def render_views(ct: Path, segmentation: Path, size: int = 512, window: float = 400.0,
                  level: float = 40.0, zoom_3d: float = 1.3) -> dict[str, np.ndarray]:
     """The axial, coronal and 3D views of ``segmentation`` over ``ct``, as RGB arrays by name."""
-    from MoMESegmentationLib import slicer_render as render
+    from MoMESlicer import render
 
     core = slicer_core.start()
     core.clear()
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"render_slicer_views: {reason}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    from MoMESegmentationLib import slicer_render as render
+    from MoMESlicer import render
 
     with tempfile.TemporaryDirectory(prefix="mome-views-") as temp:
         segmentation = args.segmentation

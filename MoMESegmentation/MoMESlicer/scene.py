@@ -22,9 +22,9 @@ import vtk
 
 import slicer
 
-from .errors import InputError, MoMEError
-from .outputs import probabilities_dir
-from .slicer_workflow import plan_segment_names, roi_box_lps
+from MoMESegmentationLib.errors import InputError, MoMEError
+from MoMESegmentationLib.outputs import probabilities_dir
+from MoMESegmentationLib.slicer_workflow import plan_segment_names, roi_box_lps
 
 logger = logging.getLogger(__name__)
 

@@ -278,7 +278,7 @@ def segment_prompt(segment: Any, vocabulary: Any = None) -> str:
     region_code = entry.GetRegionObject().GetCodeValue() if entry.GetRegionObject() else None
 
     if vocabulary is None:
-        from .vocabulary import Vocabulary
+        from MoMESegmentationLib.vocabulary import Vocabulary
 
         vocabulary = Vocabulary.load()
 

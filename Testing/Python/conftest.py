@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# The library, and the module's Qt-free Slicer-side package (MoMESegmentation/MoMESlicer).
+for folder in (REPO_ROOT / "MoMESegmentation", REPO_ROOT):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 # Nothing may be downloaded while testing, and Qt renders offscreen.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -61,7 +61,7 @@ class Setup:
     def __init__(self, scene, core, ijk_to_ras=None, transform=None):
         import slicer
 
-        from MoMESegmentationLib.segment_editor import SegmentEditorParts
+        from MoMESlicer.segment_editor import SegmentEditorParts
 
         k, j, i = np.indices(SHAPE)
         self.intensity = ((i + 2 * j + 3 * k) % 50).astype(np.int16)
@@ -101,7 +101,7 @@ class Setup:
                 for name, sid in self.ids.items()}
 
     def apply(self, mode="replace", mask=None, **kwargs):
-        from MoMESegmentationLib.segment_editor import apply_structure
+        from MoMESlicer.segment_editor import apply_structure
 
         apply_structure(self.parts, self.ids["T"], self.mask if mask is None else mask, mode, **kwargs)
 
@@ -305,7 +305,7 @@ def test_oblique_volume_under_transform_lands_on_its_grid(scene, core):
 def test_modifier_geometry(scene, core):
     import slicer
 
-    from MoMESegmentationLib.segment_editor import mask_to_modifier
+    from MoMESlicer.segment_editor import mask_to_modifier
 
     ijk_to_ras = oblique_ijk_to_ras()
     volume = slicer.util.addVolumeFromArray(np.zeros(SHAPE, np.int16), name="V")
@@ -338,7 +338,7 @@ def test_modifier_geometry(scene, core):
 def test_segment_prompt(core):
     import slicer
 
-    from MoMESegmentationLib.segment_editor import segment_prompt
+    from MoMESlicer.segment_editor import segment_prompt
     from MoMESegmentationLib.vocabulary import Vocabulary
 
     vocabulary = Vocabulary.load()

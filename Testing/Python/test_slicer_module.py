@@ -251,7 +251,7 @@ class ModuleImportTest(unittest.TestCase):
                                 "slicer.util": util, "slicer.parameterNodeWrapper": pnw,
                                 "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk")})
             sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-            for name in [n for n in sys.modules if n.startswith("MoMESegmentationLib")]:
+            for name in [n for n in sys.modules if n.startswith(("MoMESegmentationLib", "MoMESlicer"))]:
                 saved.setdefault(name, sys.modules.pop(name))
             spec = importlib.util.spec_from_file_location("MoMESegmentation", MODULE_PATH)
             module = importlib.util.module_from_spec(spec)
@@ -275,9 +275,10 @@ class ModuleImportTest(unittest.TestCase):
             self.assertIn("CPU threads", logic.deviceNote(2))
         finally:
             sys.path[:] = saved_path
-            # Library modules first imported here hold the stand-ins (e.g. slicer_scene's `slicer`):
+            # Library modules first imported here hold the stand-ins (e.g. a module that imported `slicer` at load time):
             # drop them, so that later imports get the real ones.
-            for name in [n for n in sys.modules if n.startswith("MoMESegmentationLib") and n not in saved]:
+            for name in [n for n in sys.modules
+                         if n.startswith(("MoMESegmentationLib", "MoMESlicer")) and n not in saved]:
                 del sys.modules[name]
             for name, value in saved.items():
                 if value is None:

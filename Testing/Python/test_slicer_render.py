@@ -1,4 +1,4 @@
-"""Slicer's slice view rendered offscreen (MoMESegmentationLib/slicer_render.py) on real MRML nodes.
+"""Slicer's slice view rendered offscreen (MoMESegmentation/MoMESlicer/render.py) on real MRML nodes.
 
 A small synthetic volume and a one-segment segmentation are built with ``slicer.util`` and drawn by
 Slicer's slice logic and segmentations displayable manager; the picture must show the segment's
@@ -68,7 +68,7 @@ def screen_rows_columns(view, ras_points: np.ndarray) -> np.ndarray:
 
 
 def test_axial_slice_view_draws_the_segment_over_the_volume_where_it_is(core):
-    from MoMESegmentationLib import slicer_render
+    from MoMESlicer import render as slicer_render
 
     volume, _segmentation, box_min, box_max = build_scene(core)
     view = slicer_render.SliceViewRenderer(core, "Red", "Axial", size=(SIZE, SIZE))

@@ -36,7 +36,7 @@ PROMPTS = "liver, spleen, left kidney"
 
 @pytest.fixture
 def scene(core):
-    from MoMESegmentationLib.slicer_scene import SlicerScene
+    from MoMESlicer.scene import SlicerScene
 
     core.clear()
     yield SlicerScene(core.scene)
@@ -337,7 +337,7 @@ def test_second_run_keeps_or_replaces_segments(scene, worker_client, tmp_path):
     np.testing.assert_array_equal(arrays["Liver"], first["Liver"])
     np.testing.assert_array_equal(arrays["Spleen"], first["Spleen"])
     # imported segments share labelmap layers instead of one full-size layer each
-    from MoMESegmentationLib.slicer_scene import segmentation_layers
+    from MoMESlicer.scene import segmentation_layers
 
     assert segmentation_layers(segmentation)[0] <= 2  # liver twice cannot share one layer
 
@@ -386,7 +386,7 @@ def test_a_worker_that_crashes_leaves_the_scene_exactly_as_before(scene, worker_
 
 def test_a_failure_half_way_through_an_import_is_rolled_back(scene, worker_client, tmp_path, monkeypatch):
     """Fault injected after the segments were copied: none of them may stay."""
-    from MoMESegmentationLib.slicer_scene import SlicerScene
+    from MoMESlicer.scene import SlicerScene
     from MoMESegmentationLib.slicer_workflow import JobState, SegmentationOptions
 
     volume = load_ct(scene)
@@ -409,7 +409,7 @@ def test_a_failure_half_way_through_an_import_is_rolled_back(scene, worker_clien
 def test_probability_maps_are_loaded_as_volumes_on_the_input_grid(scene, worker_client, tmp_path):
     import slicer
 
-    from MoMESegmentationLib.slicer_scene import PROBABILITY_COLOR_NODE_ID
+    from MoMESlicer.scene import PROBABILITY_COLOR_NODE_ID
 
     volume = load_ct(scene)
     job = run(workflow_for(scene, worker_client, tmp_path), volume, "liver, spleen", probabilities=True)
@@ -467,7 +467,7 @@ def test_many_structures_share_one_labelmap_layer(scene, tmp_path):
     """32 non-overlapping structures: one shared layer, not 32 full-size ones (see bench_slicer_import.py)."""
     from MoMESegmentationLib.data.sample import load_sample_ct
     from MoMESegmentationLib.io.segmentation import Segment, Segmentation, write_segmentation
-    from MoMESegmentationLib.slicer_scene import segmentation_layers
+    from MoMESlicer.scene import segmentation_layers
 
     case = load_sample_ct()
     values = [int(v) for v in np.unique(case.labels.array) if v > 0][:32]
