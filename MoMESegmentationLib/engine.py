@@ -219,6 +219,9 @@ class SegmentationResult:
     timings: dict = field(default_factory=dict)
     #: the anatomy guard's reading of the scan (None when the guard was off)
     coverage: dict | None = None
+    #: sliding windows whose image features were computed ("encoded") or taken from the cache of
+    #: the same volume's earlier run ("reused"): a new prompt on the same volume encodes none
+    feature_windows: dict = field(default_factory=dict)
 
     def labelmap_volume(self) -> Volume:
         return self.reference.with_array(self.labelmap, name="labels")
@@ -233,6 +236,7 @@ class SegmentationResult:
             "anatomy_guard": self.coverage is not None,
             "coverage": self.coverage,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "feature_windows": dict(self.feature_windows),
         }
 
     def to_segmentation(self):
@@ -348,6 +352,8 @@ class Segmenter:
             raise CheckpointError(f"{self.checkpoint_path}: unknown padding mode {self.pad_mode!r}")
         self.mask_padding = bool(padding.get("mask_valid", False))  # norms/global pool skip the padding
         self._cache = _FeatureCache()
+        #: windows encoded / reused by the last :meth:`predict_logits` (see SegmentationResult)
+        self.feature_windows = {"encoded": 0, "reused": 0}
         self._vocabulary = vocabulary
         self._text_encoder = None
         if self.structure_embeddings is None and not self.free_text:
@@ -510,6 +516,7 @@ class Segmenter:
             self._cache.reset(prep.fingerprint)
         else:
             self._cache.clear()
+        self.feature_windows = {"encoded": 0, "reused": 0}
         embeddings = embeddings.to(self.device, torch.float32)
         batch = self._choose_batch()
         stitch_device = self.device
@@ -537,6 +544,8 @@ class Segmenter:
             keys = [tuple(int(s.start) for s in c[2:]) for c in coords]
             with self._autocast():
                 missing = [i for i, k in enumerate(keys) if k not in self._cache.windows]
+                self.feature_windows["encoded"] += len(missing)
+                self.feature_windows["reused"] += len(keys) - len(missing)
                 if missing:
                     valid = valid_window_mask([coords[i] for i in missing], prep.unpadded, window.device) \
                         if self.mask_padding and any(any(p) for p in prep.padding) else None
@@ -685,7 +694,8 @@ class Segmenter:
         return SegmentationResult(reference=volume, structures=structures, masks=masks,
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
                                   warnings=warnings, model=self.model_info(), timings=timings,
-                                  coverage=None if coverage is None else _coverage_json(coverage))
+                                  coverage=None if coverage is None else _coverage_json(coverage),
+                                  feature_windows=dict(self.feature_windows))
 
     def _guard(self, plan: PromptPlan, mask: torch.Tensor, volume: Volume, coverage):
         """The anatomy guard's verdict on one found mask (free-text prompts have no priors)."""

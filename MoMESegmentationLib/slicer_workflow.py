@@ -149,6 +149,9 @@ class Job:
     prompts: str
     options: SegmentationOptions
     segmentation_ref: Any | None = None  # target given by the caller (None: a new segmentation)
+    #: ``importer(seg_path, summary, job)`` takes the result instead of the scene's ``import_result``
+    #: (the Segment Editor effect reads one structure's probability and writes it through the editor)
+    importer: Callable[[Path, dict, "Job"], Any] | None = None
     temp_dir: Path | None = None
     state: JobState = JobState.RUNNING
     fraction: float = 0.0
@@ -218,8 +221,13 @@ class SegmentationWorkflow:
         return self.job is not None and not self.job.is_finished
 
     def start(self, volume_ref: Any, prompts: str, segmentation_ref: Any | None = None,
-              options: SegmentationOptions | None = None) -> Job:
+              options: SegmentationOptions | None = None,
+              importer: Callable[[Path, dict, Job], Any] | None = None) -> Job:
         """Export the volume and send a ``segment`` request; returns the running job.
+
+        ``importer(seg_path, summary, job)``, when given, receives the result (while the job's
+        temporary files still exist) instead of the scene's ``import_result``; what it returns
+        becomes ``job.result_ref``. It must leave the scene as it was when it raises.
 
         Raises:
             PromptError: ``prompts`` is empty.
@@ -234,7 +242,7 @@ class SegmentationWorkflow:
             raise PromptError("empty prompt: type one or more structures separated by commas, e.g. 'liver, spleen'")
         options = options or SegmentationOptions()
         job = Job(id=uuid.uuid4().hex[:12], volume_ref=volume_ref, prompts=prompts.strip(), options=options,
-                  segmentation_ref=segmentation_ref)
+                  segmentation_ref=segmentation_ref, importer=importer)
         if self.temp_root is not None:
             self.temp_root.mkdir(parents=True, exist_ok=True)
         job.temp_dir = Path(tempfile.mkdtemp(prefix="mome-job-", dir=self.temp_root))
@@ -333,8 +341,11 @@ class SegmentationWorkflow:
             if not output.is_file():
                 raise InputError(f"{output}: the worker reported success but wrote no result")
             self._check_grid(job.input_path, output)
-            job.result_ref = self.scene.import_result(output, summary, job.segmentation_ref, job.options.replace,
-                                                      job.volume_ref)
+            if job.importer is not None:
+                job.result_ref = job.importer(output, summary, job)
+            else:
+                job.result_ref = self.scene.import_result(output, summary, job.segmentation_ref,
+                                                          job.options.replace, job.volume_ref)
         except MoMEError as error:
             self._fail(job, str(error), "input")
             return

@@ -55,15 +55,15 @@ MODES = {
 }
 
 
-@dataclass
 class SegmentEditorParts:
-    """A segment editor logic set up on a segmentation, a source volume and an editor node.
+    """What an edit needs from the Segment Editor: its parameter node, undo and the masked modifier.
 
-    Inside Slicer the Segment Editor widget owns these; an effect passes its own. Headless code
-    (and the tests) builds them with :meth:`create`.
+    Two implementations: :class:`LogicEditorParts` drives a ``vtkSlicerSegmentEditorLogic``
+    (headless code and the tests build one with :meth:`LogicEditorParts.create`); inside Slicer the
+    effect wraps its ``qSlicerSegmentEditorScriptedEffect``, whose ``modifySegmentByLabelmap`` and
+    ``saveStateForUndo`` end in the same logic owned by the Segment Editor widget.
     """
 
-    logic: Any
     editor_node: Any
 
     @property
@@ -74,9 +74,32 @@ class SegmentEditorParts:
     def source_volume_node(self) -> Any:
         return self.editor_node.GetSourceVolumeNode()
 
+    def save_state_for_undo(self) -> None:
+        raise NotImplementedError
+
+    def undo(self) -> bool:
+        """Restore the state saved last; ``False`` when that is not possible here."""
+        return False
+
+    def modify(self, segmentation_node: Any, segment_id: str, modifier: Any, mode: str) -> None:
+        """``ModifySegmentByLabelmap`` with masking; ``mode`` names a ``ModificationMode`` constant."""
+        raise NotImplementedError
+
+    def reference_geometry(self) -> Any:
+        """An image with the segmentation's reference geometry (``None`` when it has none)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LogicEditorParts(SegmentEditorParts):
+    """A segment editor logic set up on a segmentation, a source volume and an editor node."""
+
+    logic: Any
+    editor_node: Any
+
     @classmethod
     def create(cls, scene: Any, segmentation_node: Any, source_volume_node: Any,
-               editor_node: Any = None, app_logic: Any = None) -> SegmentEditorParts:
+               editor_node: Any = None, app_logic: Any = None) -> LogicEditorParts:
         """A new ``vtkSlicerSegmentEditorLogic`` (and editor node unless given) on ``scene``."""
         import slicer
 
@@ -93,6 +116,26 @@ class SegmentEditorParts:
                 slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()):
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(source_volume_node)
         return cls(logic=logic, editor_node=editor_node)
+
+    def save_state_for_undo(self) -> None:
+        self.logic.SaveStateForUndo()
+
+    def undo(self) -> bool:
+        if not self.logic.CanUndo():
+            return False
+        self.logic.Undo()
+        return True
+
+    def modify(self, segmentation_node: Any, segment_id: str, modifier: Any, mode: str) -> None:
+        import slicer
+
+        self.logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier,
+                                           getattr(slicer.vtkSlicerSegmentEditorLogic, mode), True, False)
+
+    def reference_geometry(self) -> Any:
+        if not self.logic.UpdateReferenceGeometryImage():
+            return None
+        return self.logic.GetReferenceGeometryImage()
 
 
 def _matrix_to_numpy(matrix: Any) -> np.ndarray:
@@ -166,11 +209,8 @@ def modifier_on_reference_geometry(modifier: Any, parts: SegmentEditorParts) -> 
     """The modifier as is when it lies on the segmentation's reference geometry, else resampled there."""
     import slicer
 
-    logic = parts.logic
-    if not logic.UpdateReferenceGeometryImage():
-        return modifier
-    reference = logic.GetReferenceGeometryImage()
-    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):
+    reference = parts.reference_geometry()
+    if reference is None or slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):
         return modifier
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -204,7 +244,7 @@ def region_mask(shape_kji: Sequence[int], roi_box_ijk: Sequence[int] | None = No
 
 def apply_structure(parts: SegmentEditorParts, segment_id: str, mask_kji: np.ndarray, mode: str = "replace",
                     volume_node: Any = None, roi_box_ijk: Sequence[int] | None = None,
-                    slab: Sequence[int] | None = None) -> None:
+                    slab: Sequence[int] | None = None, save_undo: bool = True) -> None:
     """Write a computed structure into a segment through the editor logic, with masking and undo.
 
     :param parts: the editor logic and its editor node (segmentation, source volume, masking).
@@ -217,9 +257,9 @@ def apply_structure(parts: SegmentEditorParts, segment_id: str, mask_kji: np.nda
     :param roi_box_ijk: ``(i0, i1, j0, j1, k0, k1)`` inclusive: only voxels inside change; in
         ``"replace"`` the segment outside the box stays as it was.
     :param slab: ``(k0, k1)`` inclusive slice range, as ``roi_box_ijk`` (both may be given).
+    :param save_undo: save the state for Undo first (one Undo step per call); ``False`` only when
+        the caller saved it already.
     """
-    import slicer
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     segmentation_node = parts.segmentation_node
@@ -237,7 +277,6 @@ def apply_structure(parts: SegmentEditorParts, segment_id: str, mask_kji: np.nda
         region = np.ones(mask.shape, dtype=bool)
     mask = mask & region
 
-    logic = parts.logic
     # The editable area "inside / outside segments" leaves out the editor's selected segment.
     if parts.editor_node.GetSelectedSegmentID() != segment_id:
         parts.editor_node.SetSelectedSegmentID(segment_id)
@@ -249,10 +288,10 @@ def apply_structure(parts: SegmentEditorParts, segment_id: str, mask_kji: np.nda
         steps = [(mask, MODES[mode])]
     modifiers = [(modifier_on_reference_geometry(mask_to_modifier(m, volume_node, segmentation_node), parts), name)
                  for m, name in steps]
-    logic.SaveStateForUndo()
+    if save_undo:
+        parts.save_state_for_undo()
     for modifier, name in modifiers:
-        logic.ModifySegmentByLabelmap(segmentation_node, segment_id, modifier,
-                                      getattr(slicer.vtkSlicerSegmentEditorLogic, name), True, False)
+        parts.modify(segmentation_node, segment_id, modifier, name)
 
 
 def segment_prompt(segment: Any, vocabulary: Any = None) -> str:

@@ -61,7 +61,7 @@ class Setup:
     def __init__(self, scene, core, ijk_to_ras=None, transform=None):
         import slicer
 
-        from MoMESlicer.segment_editor import SegmentEditorParts
+        from MoMESlicer.segment_editor import LogicEditorParts
 
         k, j, i = np.indices(SHAPE)
         self.intensity = ((i + 2 * j + 3 * k) % 50).astype(np.int16)
@@ -88,7 +88,7 @@ class Setup:
             self.ids[name] = segment_id
             slicer.util.updateSegmentBinaryLabelmapFromArray(array.astype(np.uint8), self.segmentation, segment_id, self.volume)
         self.segmentation.GetDisplayNode().SetSegmentVisibility(self.ids["C"], False)
-        self.parts = SegmentEditorParts.create(scene, self.segmentation, self.volume, app_logic=core.app_logic)
+        self.parts = LogicEditorParts.create(scene, self.segmentation, self.volume, app_logic=core.app_logic)
         self.editor = self.parts.editor_node
         self.editor.SetSelectedSegmentID(self.ids["T"])
         self.mask = np.random.default_rng(7).random(SHAPE) < 0.45
