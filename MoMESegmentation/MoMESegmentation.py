@@ -86,6 +86,7 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     install_torch,
     update_recent_prompts,
 )
+from MoMESlicer.correction import start_structure_job  # noqa: E402
 from MoMESlicer.scene import SlicerScene  # noqa: E402
 from MoMESegmentationLib.worker_client import WorkerClient  # noqa: E402
 
@@ -162,6 +163,22 @@ The bundled example CT comes from TotalSegmentator's reference files (Apache-2.0
             # ScriptedLoadableModule looks only beside this file; a source checkout keeps it one folder up.
             self.parent.icon = qt.QIcon(moduleResourcePath("Icons", "MoMESegmentation.png"))
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+#
+# Register the "MoME" Segment Editor effect
+#
+
+
+def registerEditorEffect():
+    """Add the MoME effect to the Segment Editor, as Slicer's own scripted effects are added."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
+
+    effect = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
+    effectPath = os.path.join(os.path.dirname(os.path.abspath(__file__)), "SegmentEditorMoMELib", "SegmentEditorEffect.py")
+    effect.setPythonSource(effectPath.replace("\\", "/"))
+    effect.self().register()
 
 
 #
@@ -584,6 +601,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         self._install = None
         self._cards = None
         self._choices = None
+        self._jobCallbacks = {}  # job id -> (onProgress, onFinished) of jobs not started by the panel
         self.scene = SlicerScene()
 
     def getParameterNode(self):
@@ -800,6 +818,26 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
                 raise MoMEError(job.error)
         return job
 
+    def segmentStructure(self, volumeNode, prompt, onProgress=None, onFinished=None, model="demo", device="auto",
+                         roiNode=None, fast=False, anatomyGuard=True, threads=None):
+        """Compute one structure's probability in ``volumeNode`` for the Segment Editor effect.
+
+        The scene does not change; when the job is done ``job.result_ref`` is a
+        :class:`~MoMESlicer.correction.StructureProbability`. It runs in the same worker as the
+        panel's jobs, so the volume's cached image features serve both. ``onProgress(job)`` and
+        ``onFinished(job)`` are called for this job instead of the panel's callbacks.
+        """
+        if not volumeNode:
+            raise MoMEError(_("Select an input volume."))
+        self.scene.check_input_volume(volumeNode)
+        roi = self.roiBox(roiNode, volumeNode) if roiNode else None
+        options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, fast=fast,
+                                      anatomy_guard=anatomyGuard)
+        self.log(_("Computing '{prompt}' in {volume} for the Segment Editor").format(prompt=prompt, volume=volumeNode.GetName()))
+        job = start_structure_job(self.workflow(), volumeNode, prompt, options)
+        self._jobCallbacks[job.id] = (onProgress, onFinished)
+        return job
+
     def processEvents(self) -> None:
         if self._workflow:
             self._workflow.process_events()
@@ -824,16 +862,18 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             self.logCallback(text)
 
     def _onProgress(self, job) -> None:
-        if self.progressCallback:
-            self.progressCallback(job)
+        callback = self._jobCallbacks[job.id][0] if job.id in self._jobCallbacks else self.progressCallback
+        if callback:
+            callback(job)
 
     def _onFinished(self, job) -> None:
         if job.state == JobState.FAILED:
             self.log(_("Segmentation failed: {message}").format(message=job.error))
         else:
             self.log(_("Segmentation {state} after {seconds:.1f} s").format(state=job.state.value, seconds=job.elapsed_s))
-        if self.finishedCallback:
-            self.finishedCallback(job)
+        callback = self._jobCallbacks.pop(job.id)[1] if job.id in self._jobCallbacks else self.finishedCallback
+        if callback:
+            callback(job)
 
     def roiBox(self, roiNode, volumeNode):
         """The ROI as an LPS box in the exported volume's coordinates (both nodes' transforms undone)."""

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 PROBABILITY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
 #: Attribute that marks a probability volume and names the structure (shared with the panel's maps).
 PROBABILITY_ATTRIBUTE = "MoME.ProbabilityOf"
+#: Columns of the review table (:meth:`SegmentReview.rows`).
+REVIEW_HEADERS = ("#", "Kind", "Volume (mL)", "Mean p", "Location", "Decision")
 
 
 @dataclass
@@ -173,6 +175,28 @@ def slab_around(volume_node: Any, slice_k: float, half_thickness: int) -> tuple[
     if not 0 <= k < dims[2]:
         raise InputError(f"slice {k} is outside {volume_node.GetName()} (0 to {dims[2] - 1})")
     return max(0, k - int(half_thickness)), min(dims[2] - 1, k + int(half_thickness))
+
+
+def volume_index_of(volume_node: Any, ras_world: Sequence[float]) -> np.ndarray:
+    """The (i, j, k) voxel coordinates of a world RAS point in a volume (its parent transform undone)."""
+    import vtk
+
+    point = [float(v) for v in ras_world]
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        transform = vtk.vtkGeneralTransform()
+        parent.GetTransformFromWorld(transform)
+        point = list(transform.TransformPoint(point))
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(matrix)
+    return np.array(matrix.MultiplyPoint([*point, 1.0])[:3])
+
+
+def slab_at_slice(volume_node: Any, slice_node: Any, half_thickness: int) -> tuple[int, int]:
+    """The slab of the volume's k slices around the centre of a slice view (e.g. the Red view)."""
+    slice_to_ras = slice_node.GetSliceToRAS()
+    centre = [slice_to_ras.GetElement(r, 3) for r in range(3)]
+    return slab_around(volume_node, volume_index_of(volume_node, centre)[2], half_thickness)
 
 
 class LiveThreshold:
@@ -359,6 +383,28 @@ def show_probability(result: StructureProbability, volume_node: Any, node: Any =
 # ------------------------------------------------------------------------------------------
 # Export for training
 # ------------------------------------------------------------------------------------------
+
+
+def training_labels(segmentation_node: Any, vocabulary: Any = None) -> dict[str, str]:
+    """Segment name -> structure id, for every segment that names exactly one known structure.
+
+    A segment names a structure by its terminology or, without one, by its name (as the effect's
+    prompt is prefilled, :func:`~MoMESlicer.segment_editor.segment_prompt`); other segments are
+    left out (they stay in the exported file but are not trained on).
+    """
+    from MoMESegmentationLib.vocabulary import Vocabulary
+
+    from .segment_editor import segment_prompt
+
+    vocabulary = vocabulary if vocabulary is not None else Vocabulary.load()
+    segmentation = segmentation_node.GetSegmentation()
+    labels: dict[str, str] = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        matches = vocabulary.lookup(segment_prompt(segment, vocabulary))
+        if len(matches) == 1:
+            labels[segment.GetName()] = matches[0].id
+    return labels
 
 
 def export_for_training(volume_node: Any, segmentation_node: Any, dataset_dir: str | Path,

@@ -373,3 +373,36 @@ def test_review_of_a_missing_segment_is_one_line(scene, core):
     volume, parts, segmentation, ids, result, *_ = synthetic_case(scene, core)
     with pytest.raises(InputError, match="no segment"):
         SegmentReview(parts, "nope", result, volume)
+
+
+def test_slab_follows_the_red_view_through_the_volume_transform(scene, core):
+    import vtk
+
+    from MoMESegmentationLib.errors import InputError
+    from MoMESlicer.correction import slab_at_slice
+
+    ijk_to_ras = np.diag([1.5, 1.5, -2.5, 1.0])
+    ijk_to_ras[:3, 3] = [0.0, 0.0, 40.0]
+    volume, *_ = synthetic_case(scene, core, ijk_to_ras)
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(2, 3, -10.0)  # the volume sits 10 mm lower in the world
+    shift.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(shift.GetID())
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    red.SetOrientationToAxial()
+    red.JumpSliceByCentering(5.0, 5.0, 40.0 - 10.0 - 2.5 * 7)  # the centre of slice k = 7
+    assert slab_at_slice(volume, red, 3) == (4, 10)
+    assert slab_at_slice(volume, red, 100) == (0, SHAPE[0] - 1)
+    red.JumpSliceByCentering(5.0, 5.0, 500.0)
+    with pytest.raises(InputError, match="outside"):
+        slab_at_slice(volume, red, 3)
+
+
+def test_training_labels_map_segments_that_name_one_structure(scene, core):
+    from MoMESlicer.correction import training_labels
+
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    for name in ("Liver", "left kidney", "Blob", "kidneys"):
+        segmentation.GetSegmentation().AddEmptySegment(name, name)
+    assert training_labels(segmentation) == {"Liver": "liver", "left kidney": "kidney_left"}

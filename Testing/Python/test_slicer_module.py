@@ -45,6 +45,8 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
 
 MODULE_PATH = REPO / "MoMESegmentation" / "MoMESegmentation.py"
 UI_PATH = REPO / "Resources" / "UI" / "MoMESegmentation.ui"
+EFFECT_PATH = REPO / "MoMESegmentation" / "SegmentEditorMoMELib" / "SegmentEditorEffect.py"
+EFFECT_UI_PATH = REPO / "Resources" / "UI" / "SegmentEditorMoME.ui"
 REFERENCE = Path(__file__).resolve().parent / "data" / "slicer_reference"
 IN_SLICER = hasattr(sys.modules.get("slicer"), "app")
 
@@ -81,6 +83,63 @@ def _vtk_method_names() -> set[str]:
             if class_name.startswith("vtk"):
                 names.update(n for n in dir(getattr(module, class_name)) if n[:1].isupper())
     return names
+
+
+def _slicer_core_method_names() -> set[str]:
+    """Method names of Slicer's wrapped MRML / Logic classes where slicer-core is installed (macro-made
+    accessors such as ``GetSelectedSegmentID`` are not in the header scan)."""
+    try:
+        import slicer
+    except ImportError:
+        return set()
+    names: set[str] = set()
+    for class_name in dir(slicer):
+        if class_name.startswith(("vtkMRML", "vtkSlicer", "vtkSegment", "vtkOrientedImage")):
+            names.update(n for n in dir(getattr(slicer, class_name)) if n[:1].isupper())
+    return names
+
+
+def unknown_slicer_api(tree: ast.Module) -> tuple[set[str], list[str]]:
+    """``slicer.util`` / ``slicer.packaging`` functions a source calls, and those Slicer lacks."""
+    api = _names("slicer_api_names.txt")
+    used = set()
+    for node in ast.walk(tree):
+        name = _dotted(node) if isinstance(node, ast.Attribute) else None
+        if name and name.startswith(("slicer.util.", "slicer.packaging.")):
+            used.add(name[len("slicer."):])
+    return used, sorted(used - api)
+
+
+def unknown_classes(source: str) -> tuple[set[str], list[str]]:
+    """Slicer / CTK class names a source (Python or .ui) uses, and those Slicer and CTK lack."""
+    classes = _names("slicer_class_names.txt") | _names("ctk_class_names.txt")
+    used = set(re.findall(r"\b((?:vtkMRML|qMRML|qSlicer|vtkSlicer|ctk)[A-Za-z0-9]+)\b", source))
+    # Python modules of Slicer's wrapped libraries (``import qSlicer...PythonQt as ...``) are not classes.
+    modules = {name for match in re.findall(r"^\s*import\s+(\w+)(?:\s+as\s+(\w+))?", source, re.M) for name in match}
+    return used - modules, sorted(used - modules - classes)
+
+
+def unknown_methods(tree: ast.Module) -> list[str]:
+    """Upper-case method calls (C++ / VTK style) that neither Slicer, CTK nor VTK define."""
+    known = (_names("slicer_method_names.txt") | _names("slicer_class_names.txt") | _vtk_method_names()
+             | _slicer_core_method_names())
+    local = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    modules = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    unknown = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        method, owner = node.func.attr, _dotted(node.func.value)
+        if not method[:1].isupper() or method in local | imported:
+            continue
+        if owner in modules - {"slicer"}:
+            continue  # class constructors of imported modules (qt.QTimer, vtk.vtkMatrix4x4, pathlib.Path)
+        if owner == "slicer" and method.startswith(("vtkMRML", "vtkSlicer", "qMRML", "qSlicer")):
+            continue  # classes, checked by unknown_classes
+        if method not in known:
+            unknown.add(f"{owner}.{method}")
+    return sorted(unknown)
 
 
 class ModuleSourceTest(unittest.TestCase):
@@ -128,41 +187,17 @@ class ModuleSourceTest(unittest.TestCase):
         self.assertEqual(untranslated, [])
 
     def test_slicer_api_calls_exist(self):
-        api = _names("slicer_api_names.txt")
-        used = set()
-        for node in ast.walk(self.tree):
-            name = _dotted(node) if isinstance(node, ast.Attribute) else None
-            if name and name.startswith(("slicer.util.", "slicer.packaging.")):
-                used.add(name[len("slicer."):])
+        used, unknown = unknown_slicer_api(self.tree)
         self.assertTrue(used, "the module calls slicer.util")
-        self.assertEqual(sorted(used - api), [], "slicer.util/packaging functions that Slicer does not have")
+        self.assertEqual(unknown, [], "slicer.util/packaging functions that Slicer does not have")
 
     def test_mrml_and_ctk_classes_exist(self):
-        classes = _names("slicer_class_names.txt") | _names("ctk_class_names.txt")
-        source = MODULE_PATH.read_text(encoding="utf-8") + UI_PATH.read_text(encoding="utf-8")
-        used = set(re.findall(r"\b((?:vtkMRML|qMRML|qSlicer|vtkSlicer|ctk)[A-Za-z0-9]+)\b", source))
+        used, unknown = unknown_classes(MODULE_PATH.read_text(encoding="utf-8") + UI_PATH.read_text(encoding="utf-8"))
         self.assertIn("qMRMLNodeComboBox", used)
-        self.assertEqual(sorted(used - classes), [], "classes that Slicer/CTK do not have")
+        self.assertEqual(unknown, [], "classes that Slicer/CTK do not have")
 
     def test_upper_case_methods_exist(self):
-        known = _names("slicer_method_names.txt") | _names("slicer_class_names.txt") | _vtk_method_names()
-        local = {n.name for n in ast.walk(self.tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-        imported = {a.asname or a.name for n in ast.walk(self.tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-        modules = {a.asname or a.name for n in ast.walk(self.tree) if isinstance(n, ast.Import) for a in n.names}
-        unknown = set()
-        for node in ast.walk(self.tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                continue
-            method, owner = node.func.attr, _dotted(node.func.value)
-            if not method[:1].isupper() or method in local | imported:
-                continue
-            if owner in modules - {"slicer"}:
-                continue  # class constructors of imported modules (qt.QTimer, vtk.vtkMatrix4x4, pathlib.Path)
-            if owner == "slicer" and method.startswith(("vtkMRML", "vtkSlicer", "qMRML", "qSlicer")):
-                continue  # classes, checked above
-            if method not in known:
-                unknown.add(f"{owner}.{method}")
-        self.assertEqual(sorted(unknown), [], "upper-case methods that neither Slicer, CTK nor VTK define")
+        self.assertEqual(unknown_methods(self.tree), [], "upper-case methods that neither Slicer, CTK nor VTK define")
 
     def test_dependencies_are_not_installed_at_import(self):
         """pip/PyTorch installation happens only inside Logic methods."""
@@ -352,6 +387,80 @@ class PanelUiTest(unittest.TestCase):
             self.assertFalse(image.isNull())
             self.assertGreater(image.height(), 600)
             self.assertGreater(image.width(), 300)
+
+
+class EffectTest(unittest.TestCase):
+    """The "MoME" Segment Editor effect: its source against Slicer's names, its .ui, its registration."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.source = EFFECT_PATH.read_text(encoding="utf-8")
+        cls.tree = ast.parse(cls.source, filename=str(EFFECT_PATH))
+        cls.xml = EFFECT_UI_PATH.read_text(encoding="utf-8")
+        cls.preview = _load_preview_script()
+
+    def test_slicer_names_exist(self):
+        used, unknown = unknown_slicer_api(self.tree)
+        self.assertIn("util.loadUI", used)
+        self.assertEqual(unknown, [], "slicer.util functions that Slicer does not have")
+        used, unknown = unknown_classes(self.source + self.xml)
+        self.assertTrue({"qMRMLSegmentEditorWidget", "qSlicerSegmentEditorAbstractEffect", "ctkPathLineEdit"} <= used)
+        self.assertEqual(unknown, [], "classes that Slicer/CTK do not have")
+        self.assertEqual(unknown_methods(self.tree), [], "upper-case methods that neither Slicer, CTK nor VTK define")
+
+    def test_effect_follows_slicers_scripted_effect_interface(self):
+        effect = next(n for n in self.tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
+        self.assertEqual([_dotted(b) for b in effect.bases], ["AbstractScriptedSegmentEditorEffect"])
+        methods = {n.name for n in effect.body if isinstance(n, ast.FunctionDef)}
+        self.assertLessEqual({"__init__", "clone", "icon", "helpText", "setupOptionsFrame", "setMRMLDefaults",
+                              "updateGUIFromMRML", "updateMRMLFromGUI", "activate", "deactivate"}, methods)
+        # every edit goes through the editor's modifier and undo, never around them
+        self.assertNotRegex(self.source, r"updateSegmentBinaryLabelmapFromArray|SetBinaryLabelmapToSegment")
+        for name in ("modifySegmentByLabelmap", "saveStateForUndo", "defaultModifierLabelmap"):
+            self.assertIn(f"self.effect.{name}(", self.source)
+
+    def test_code_uses_only_existing_widgets(self):
+        used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", self.source))
+        names = self.preview.ui_widget_names(self.xml)
+        self.assertGreater(len(used), 15)
+        self.assertEqual(sorted(used - names), [], "widgets the effect uses but its .ui lacks")
+
+    def test_module_registers_the_effect_file(self):
+        module = MODULE_PATH.read_text(encoding="utf-8")
+        self.assertIn('slicer.app.connect("startupCompleted()", registerEditorEffect)', module)
+        match = re.search(r'os\.path\.join\(os\.path\.dirname\(os\.path\.abspath\(__file__\)\), "([^"]+)", "([^"]+)"\)',
+                          module)
+        self.assertIsNotNone(match)
+        self.assertEqual(MODULE_PATH.parent / match.group(1) / match.group(2), EFFECT_PATH)
+
+    def test_cmake_installs_every_python_file_beside_the_module(self):
+        cmake = (REPO / "MoMESegmentation" / "CMakeLists.txt").read_text(encoding="utf-8")
+        listed = set(re.findall(r"^\s+([\w/]+\.py)\s*$", cmake, re.M))
+        if "${MODULE_NAME}.py" in cmake:
+            listed.add(MODULE_PATH.name)
+        present = {str(p.relative_to(MODULE_PATH.parent)) for p in MODULE_PATH.parent.rglob("*.py")}
+        self.assertEqual(sorted(present - listed), [], "Python files the extension would not install")
+
+    def test_loads_and_renders_offscreen(self):
+        try:
+            import PySide6  # noqa: F401
+        except ImportError:
+            self.skipTest("PySide6 is not installed")
+        from PySide6.QtGui import QImage
+        from PySide6.QtWidgets import QWidget
+
+        self.assertNotRegex(self.preview.rewrite_custom_widgets(self.xml), r'class="(qMRML|ctk)')
+        app, widget = self.preview.load_panel(EFFECT_UI_PATH)
+        loaded = {w.objectName() for w in widget.findChildren(QWidget)}
+        used = set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", self.source))
+        self.assertEqual(sorted(used - loaded), [])
+        with tempfile.TemporaryDirectory() as temp:
+            widget.resize(400, 640)
+            path = Path(temp) / "effect.png"
+            self.assertTrue(widget.grab().save(str(path)))
+            image = QImage(str(path))
+            self.assertFalse(image.isNull())
+            self.assertEqual((image.width(), image.height()), (400, 640))
 
 
 class GeometryTest(unittest.TestCase):
