@@ -432,9 +432,9 @@ def export_for_training(volume_node: Any, segmentation_node: Any, dataset_dir: s
         label_path = Path(folder) / "label.seg.nrrd"
         _write_node(scene, volume_node, image_path, "vtkMRMLVolumeArchetypeStorageNode")
         _write_segmentation(scene, segmentation_node, label_path)
-        return corrections.add_correction_case(dataset_dir, image_path, label_path, labels,
-                                               case_id=case_id or volume_node.GetName(), overwrite=overwrite,
-                                               model=model)
+        case_id = case_id or re.sub(r"[^A-Za-z0-9._-]+", "_", volume_node.GetName()).strip("._-") or "case"
+        return corrections.add_correction_case(dataset_dir, image_path, label_path, labels, case_id=case_id,
+                                               overwrite=overwrite, model=model)
 
 
 def _write_node(scene: Any, node: Any, path: Path, storage_class: str) -> None:

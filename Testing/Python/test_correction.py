@@ -406,3 +406,50 @@ def test_training_labels_map_segments_that_name_one_structure(scene, core):
     for name in ("Liver", "left kidney", "Blob", "kidneys"):
         segmentation.GetSegmentation().AddEmptySegment(name, name)
     assert training_labels(segmentation) == {"Liver": "liver", "left kidney": "kidney_left"}
+
+
+def test_export_for_training_round_trips_through_the_trainers_loader(scene, core, tmp_path):
+    """The exported case, read back by the trainer's own manifest loader, is the segment on the CT's grid."""
+    import slicer
+
+    from MoMESegmentationLib.errors import InputError
+    from MoMESegmentationLib.training.config import DatasetSpec
+    from MoMESegmentationLib.training.datasets import load_case, manifest_records
+    from MoMESlicer.correction import export_for_training, training_labels
+
+    rotation = np.eye(4)
+    angle = np.radians(30)
+    rotation[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+    ijk_to_ras = rotation @ np.diag([-1.5, 1.5, 2.5, 1.0])
+    ijk_to_ras[:3, 3] = [30.0, -12.0, 5.0]
+    volume, parts, segmentation, ids, result, label, missing, blob = synthetic_case(scene, core, ijk_to_ras)
+    volume.SetName("Abdomen CT 3")
+    segmentation.GetSegmentation().GetSegment(ids["Target"]).SetName("Liver")
+    other = segmentation.GetSegmentation().AddEmptySegment("", "Left kidney")
+    kidney = np.zeros(SHAPE, np.uint8)
+    kidney[3:8, 2:6, 2:9] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(kidney, segmentation, other, volume)
+    nodes = node_ids(scene)
+
+    labels = training_labels(segmentation)
+    assert labels == {"Liver": "liver", "Left kidney": "kidney_left"}
+    case_dir = export_for_training(volume, segmentation, tmp_path / "corrections", labels, model="demo")
+    assert case_dir.name == "Abdomen_CT_3"
+    assert node_ids(scene) == nodes, "exporting changed the scene"
+    assert segmentation.GetStorageNode() is None or not segmentation.GetStorageNode().GetFileName()
+
+    records = manifest_records(DatasetSpec(kind="manifest", name="corrections",
+                                           manifest=str(tmp_path / "corrections" / "manifest.json")))
+    assert len(records) == 1
+    image, labelmap, values = load_case(records[0][0])
+    assert image.shape == SHAPE[::-1]
+    np.testing.assert_array_equal(image.array, slicer.util.arrayFromVolume(volume).T)
+    by_id = {ids_[0]: value for value, ids_ in values.items()}
+    np.testing.assert_array_equal(labelmap == by_id["liver"], label.T)
+    np.testing.assert_array_equal(labelmap == by_id["kidney_left"], kidney.T.astype(bool))
+
+    with pytest.raises(InputError):
+        export_for_training(volume, segmentation, tmp_path / "corrections", labels)  # exists, no overwrite
+    with pytest.raises(InputError, match="no segment named"):
+        export_for_training(volume, segmentation, tmp_path / "other", {"Spleen": "spleen"})
+    assert not (tmp_path / "other").exists()
