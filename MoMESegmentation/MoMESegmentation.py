@@ -916,6 +916,8 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         self.test_PanelSegmentsAndLoadsProbabilityMaps()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_SegmentEditorEffectAppliesAndUndoes()
 
     def _sampleVolume(self):
         import SampleData
@@ -955,6 +957,50 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         maps = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n.GetAttribute("MoME.ProbabilityOf")]
         self.assertEqual(sorted(n.GetAttribute("MoME.ProbabilityOf") for n in maps), sorted(names))
         self.delayDisplay("Panel test passed")
+
+    def test_SegmentEditorEffectAppliesAndUndoes(self):
+        """The MoME effect in a Segment Editor widget: prompt from the segment, Apply, live threshold, one Undo.
+
+        Its computation, masking and review are tested outside Slicer on Slicer's MRML core
+        (Testing/Python/test_correction.py, test_segment_editor.py); this checks the Qt glue.
+        """
+        volume = self._sampleVolume()
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "Liver")
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMRMLSegmentEditorNode(editorNode)
+        editor.setSegmentationNode(segmentationNode)
+        editor.setSourceVolumeNode(volume)
+        editor.setCurrentSegmentID(segmentId)
+        editor.setActiveEffectByName("MoME")
+        effect = editor.activeEffect()
+        self.assertIsNotNone(effect, "the MoME effect is not registered")
+        effect = effect.self()
+        self.assertEqual(effect.ui.promptEdit.text, "Liver")
+        logic = effect.moduleLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        logic.getParameterNode().fastMode = True
+        effect.onApply()
+        deadline = time.monotonic() + 600
+        while logic.busy and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        slicer.app.processEvents()
+        voxels = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume).sum()
+        self.assertGreater(voxels, 1000, "the effect wrote no liver")
+        effect.ui.thresholdSlider.value = 0.9
+        effect.onThresholdSettled()
+        fewer = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume).sum()
+        self.assertLess(fewer, voxels)
+        editor.undo()
+        self.assertEqual(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume).sum(), 0,
+                         "one Undo should remove the effect's whole edit")
+        editor.setActiveEffect(None)
+        self.delayDisplay("Segment Editor effect test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
         """Cancel from the panel while the worker runs: node IDs and segment IDs stay as they were."""

@@ -192,6 +192,29 @@ def volume_index_of(volume_node: Any, ras_world: Sequence[float]) -> np.ndarray:
     return np.array(matrix.MultiplyPoint([*point, 1.0])[:3])
 
 
+def roi_box_ijk(roi_node: Any, volume_node: Any) -> tuple[int, int, int, int, int, int]:
+    """``(i0, i1, j0, j1, k0, k1)``: the volume's voxels whose centres an ROI's bounding box holds.
+
+    The ROI's eight corners (its own orientation and parent transform applied) go into the volume's
+    voxel coordinates; the box is their bounding box, inward to whole voxels, clipped to the volume.
+    """
+    size = [float(v) for v in roi_node.GetSize()]
+    if min(size) <= 0:
+        raise InputError(f"region of interest {roi_node.GetName()} is empty: place it first")
+    object_to_world = roi_node.GetObjectToWorldMatrix()
+    corners = np.array([volume_index_of(volume_node, object_to_world.MultiplyPoint(
+        [x * size[0], y * size[1], z * size[2], 1.0])[:3])
+        for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    low = np.ceil(corners.min(axis=0) - 1e-6).astype(int)
+    high = np.floor(corners.max(axis=0) + 1e-6).astype(int)
+    dims = volume_node.GetImageData().GetDimensions()
+    low = np.maximum(low, 0)
+    high = np.minimum(high, np.array(dims) - 1)
+    if np.any(high < low):
+        raise InputError(f"region of interest {roi_node.GetName()} does not overlap {volume_node.GetName()}")
+    return (int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
+
+
 def slab_at_slice(volume_node: Any, slice_node: Any, half_thickness: int) -> tuple[int, int]:
     """The slab of the volume's k slices around the centre of a slice view (e.g. the Red view)."""
     slice_to_ras = slice_node.GetSliceToRAS()

@@ -26,6 +26,7 @@ from MoMESlicer.correction import (
     ApplySettings,
     LiveThreshold,
     SegmentReview,
+    roi_box_ijk,
     export_for_training,
     show_probability,
     slab_at_slice,
@@ -230,6 +231,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if region == "slab":
             red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
             settings.slab = slab_at_slice(volumeNode, red, self.ui.slabSpinBox.value)
+        elif region == "roi":
+            # The worker computed inside the ROI only; the segment changes inside it only.
+            settings.roi_box_ijk = roi_box_ijk(self.ui.roiSelector.currentNode(), volumeNode)
         return settings
 
     def onApply(self, checked=False):

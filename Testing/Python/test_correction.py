@@ -453,3 +453,27 @@ def test_export_for_training_round_trips_through_the_trainers_loader(scene, core
     with pytest.raises(InputError, match="no segment named"):
         export_for_training(volume, segmentation, tmp_path / "other", {"Spleen": "spleen"})
     assert not (tmp_path / "other").exists()
+
+
+def test_roi_box_on_the_volume_grid_through_both_transforms(scene, core):
+    import vtk
+
+    from MoMESegmentationLib.errors import InputError
+    from MoMESlicer.correction import roi_box_ijk
+
+    ijk_to_ras = np.diag([-1.5, 1.5, 2.5, 1.0])
+    ijk_to_ras[:3, 3] = [20.0, -10.0, 0.0]
+    volume, *_ = synthetic_case(scene, core, ijk_to_ras)
+    up = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(2, 3, 5.0)
+    up.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(up.GetID())
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    # voxel (i, j, k) sits at world (20 - 1.5 i, -10 + 1.5 j, 2.5 k + 5): i 4..8, j 2..6, k 3..5
+    roi.SetXYZ(20 - 1.5 * 6, -10 + 1.5 * 4, 2.5 * 4 + 5)
+    roi.SetRadiusXYZ(1.5 * 2.2, 1.5 * 2.2, 2.5 * 1.2)
+    assert roi_box_ijk(roi, volume) == (4, 8, 2, 6, 3, 5)
+    roi.SetXYZ(500.0, 0.0, 0.0)
+    with pytest.raises(InputError, match="does not overlap"):
+        roi_box_ijk(roi, volume)
