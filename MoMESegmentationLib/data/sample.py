@@ -25,14 +25,18 @@ __all__ = [
     "sample_ct_path",
     "sample_labels_path",
     "sample_mr_path",
+    "sample_mr_labels_path",
     "sample_label_table",
+    "sample_mr_label_table",
     "load_sample_ct",
+    "load_sample_mr_labels",
 ]
 
 SAMPLE_DIR = "SampleData"
 CT_FILE = "example_ct.nii.gz"
 LABELS_FILE = "example_seg_fast_force_split.nii.gz"
 MR_FILE = "example_mr_sm.nii.gz"
+MR_LABELS_FILE = "example_seg_mr.nii.gz"
 CLASS_MAP_FILE = "class_map.json"
 
 
@@ -72,17 +76,31 @@ def sample_mr_path() -> Path:
     return resource_path(SAMPLE_DIR, MR_FILE)
 
 
-@lru_cache(maxsize=1)
-def _class_map() -> tuple[tuple[int, str], ...]:
+def sample_mr_labels_path() -> Path:
+    """Path of the bundled MR volume's label map (NIfTI; TotalSegmentator's 'total_mr' classes)."""
+    return resource_path(SAMPLE_DIR, MR_LABELS_FILE)
+
+
+@lru_cache(maxsize=2)
+def _class_map(task: str = "total") -> tuple[tuple[int, str], ...]:
     path = resource_path(SAMPLE_DIR, CLASS_MAP_FILE)
     with open(path, encoding="utf-8") as handle:
-        table = json.load(handle)["total"]
+        table = json.load(handle)[task]
     return tuple(sorted((int(value), str(name)) for value, name in table.items()))
 
 
 def sample_label_table() -> dict[int, str]:
     """TotalSegmentator's 'total' class map: label value -> structure id."""
-    return dict(_class_map())
+    return dict(_class_map("total"))
+
+
+def sample_mr_label_table() -> dict[int, str]:
+    """TotalSegmentator's 'total_mr' class map (50 classes): label value -> structure name.
+
+    Most names are this project's structure ids; a few are coarser ('vertebrae', 'intervertebral_discs',
+    'portal_vein_and_splenic_vein') and match no single structure.
+    """
+    return dict(_class_map("total_mr"))
 
 
 def _read_nifti(path: Path, dtype: type) -> Volume:
@@ -108,3 +126,12 @@ def load_sample_ct() -> SampleCase:
     if not image.same_grid(labels, atol=1e-3):
         raise InputError(f"{labels.name}: grid differs from {image.name}")
     return SampleCase(image=image, labels=labels, label_table=sample_label_table())
+
+
+def load_sample_mr_labels() -> tuple[Volume, dict[int, str]]:
+    """The bundled MR slab's label map (a second patient: upper abdomen, 20 slices at 3 mm) and its table.
+
+    For training from label maps (:mod:`~MoMESegmentationLib.data.synthesis`): a label map is a label
+    map, whatever the modality of the scan it was drawn on.
+    """
+    return _read_nifti(sample_mr_labels_path(), np.uint8), sample_mr_label_table()
