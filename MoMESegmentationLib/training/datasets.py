@@ -152,7 +152,11 @@ def _seg_nrrd_labels(path: str, image: Volume, segment_map: dict[str, list[str]]
 
     Segment names map to structure ids through ``segment_map`` (exact, then case-insensitive);
     a segment without an entry is taken to be named by its id (``"kidney_left"``, or
-    ``"Kidney left"`` written with spaces).
+    ``"Kidney left"`` written with spaces); an entry with no ids (``[]``) leaves the segment out.
+
+    Segments may overlap (a liver and a tumour inside it): segment ``n`` gets value ``n`` and every
+    combination of overlapping segments a further value standing for the ids of all of them, so no
+    structure loses the voxels it shares with another.
     """
     from ..io.segmentation import align_segmentation, read_segmentation
 
@@ -160,13 +164,32 @@ def _seg_nrrd_labels(path: str, image: Volume, segment_map: dict[str, list[str]]
     lowered = {k.lower(): v for k, v in segment_map.items()}
     labels = np.zeros(image.shape, dtype=np.int32)
     values: dict[int, tuple[str, ...]] = {}
+    members: dict[int, frozenset[int]] = {0: frozenset()}  # value -> the segments it stands for
     for index, segment in enumerate(seg.segments, start=1):
         key = segment.name.strip()
-        ids = segment_map.get(key) or lowered.get(key.lower())
+        ids = segment_map.get(key)
+        if ids is None:
+            ids = lowered.get(key.lower())
         if ids is None:
             ids = [key.lower().replace(" ", "_").replace("-", "_")]
-        labels[segment.mask] = index
-        values[index] = tuple(ids)
+        if ids:
+            values[index] = tuple(ids)
+            members[index] = frozenset([index])
+    value_of = {combo: value for value, combo in members.items()}
+    next_value = len(seg.segments) + 1
+    for index, segment in enumerate(seg.segments, start=1):
+        if index not in values or not segment.mask.any():
+            continue
+        present, inverse = np.unique(labels[segment.mask], return_inverse=True)
+        new = []
+        for old in present.tolist():
+            combo = members[old] | {index}
+            if combo not in value_of:
+                value, next_value = next_value, next_value + 1
+                members[value], value_of[combo] = combo, value
+                values[value] = tuple(dict.fromkeys(i for s in sorted(combo) for i in values[s]))
+            new.append(value_of[combo])
+        labels[segment.mask] = np.asarray(new, dtype=np.int32)[inverse.ravel()]
     return labels, values
 
 
