@@ -1,8 +1,9 @@
 """The ``mome`` command line.
 
 Subcommands: ``demo``, ``segment``, ``evaluate``, ``models`` (list, ``download``, ``install``),
-``info``, ``worker``, ``review`` (where a model and an existing label disagree), and, when their
-modules are present, ``train`` and ``import``. A user mistake
+``info``, ``worker``, ``review`` (where a model and an existing label disagree), ``corrections``
+(corrected segmentations as training data), and, when their modules are present, ``train`` and
+``import``. A user mistake
 prints one line starting with ``mome: error:`` and exits with status 2; nothing is left half-written.
 """
 
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="JSON-lines worker for the Slicer module (stdin/stdout)")
     worker.set_defaults(handler=cmd_worker)
 
-    for module_name in ("training.cli", "importers.cli", "review"):
+    for module_name in ("training.cli", "importers.cli", "review", "corrections"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
         except ImportError as error:
