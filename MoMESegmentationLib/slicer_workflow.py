@@ -737,6 +737,7 @@ MODULE_REQUIREMENTS = (
     "nibabel>=5.0",
     "pydicom>=2.4",
     "pynrrd>=1.0",
+    "slicerio>=1.4",
     "scipy>=1.10",
     "pyyaml>=6.0",
     "tqdm>=4.60",

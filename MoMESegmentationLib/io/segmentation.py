@@ -1,18 +1,17 @@
 """3D Slicer segmentations (``.seg.nrrd``) and label maps as lists of named binary segments.
 
-A ``.seg.nrrd`` file is a NRRD image (read and written with pynrrd) plus custom header fields:
+The ``.seg.nrrd`` format itself (layers of shared label maps, segment extents, colours, the
+``TerminologyEntry`` tag, geometry in LPS or RAS) is read and written by `slicerio
+<https://github.com/lassoan/slicerio>`_, Python utilities for 3D Slicer's files. This module
+adapts its segmentation dictionaries to the library's types: a :class:`Segmentation` is a
+reference grid (a :class:`~.volume.Volume`) with a list of :class:`Segment` masks on it, and
+terminology is a dictionary of codes. ``Testing/Python/test_seg_nrrd_slicer.py`` checks the files
+against Slicer's own reader and writer.
 
-* image: 3D ``(I, J, K)`` when no segments overlap, else 4D ``(L, I, J, K)`` with a leading ``list``
-  axis of *layers* (``kinds: list domain domain domain``, ``space directions: none ...``); each
-  layer is a shared label map;
-* ``SegmentN_ID``, ``_Name``, ``_Color`` (``r g b`` in 0..1), ``_LabelValue``, ``_Layer``,
-  ``_Extent`` (``i0 i1 j0 j1 k0 k1``), ``_Tags`` (``key:value|...``, with the DICOM terminology in
-  ``TerminologyEntry``), and ``Segmentation_MasterRepresentation``,
-  ``Segmentation_ContainedRepresentationNames``, ``Segmentation_ReferenceImageExtentOffset``.
-
-Files written here always cover the whole reference grid (offset ``0 0 0``). Files exported by
-Slicer may be cropped to the segments; reading keeps the stored grid (its ``space origin`` is the
-position of the first stored voxel), and :func:`align_segmentation` puts the masks on another grid.
+Files written here cover the whole reference grid (offset ``0 0 0``); segments that overlap go to
+further layers, as Slicer stores them. Files exported by Slicer may be cropped to the segments;
+reading keeps the stored grid (its ``space origin`` is the position of the first stored voxel),
+and :func:`align_segmentation` puts the masks on another grid.
 
 Terminology dictionaries (used across the project)::
 
@@ -41,7 +40,7 @@ import numpy as np
 
 from ..errors import InputError
 from .readers import atomic_output, one_line, read_volume
-from .volume import LPS_TO_RAS, Volume
+from .volume import Volume
 
 __all__ = [
     "DEFAULT_ANATOMIC_CONTEXT",
@@ -60,9 +59,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 DEFAULT_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-_EMPTY_CODE = "^^"
-_SPACES_LPS = ("left-posterior-superior", "lps")
-_SPACES_RAS = ("right-anterior-superior", "ras")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,50 +147,48 @@ class Segmentation:
 
 
 # --------------------------------------------------------------------------------------------
-# Terminology
+# Terminology: the project's dictionaries <-> slicerio's
 # --------------------------------------------------------------------------------------------
+
+#: Our keys and slicerio's for the five codes of a terminology entry.
+_CODE_KEYS = (("category", "category"), ("type", "type"), ("modifier", "typeModifier"),
+              ("region", "anatomicRegion"), ("region_modifier", "anatomicRegionModifier"))
 
 
 def _ascii(text: str) -> str:
-    """NRRD headers are ASCII: drop accents, replace what is left, keep one line."""
+    """NRRD headers are ASCII (pynrrd writes them so): drop accents, keep one line."""
     text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
     return " ".join(text.split())
 
 
-def _code_to_string(code: Mapping[str, Any] | None) -> str:
-    if not code:
-        return _EMPTY_CODE
-    parts = []
-    for key in ("scheme", "code", "meaning"):
-        value = _ascii(code.get(key, "") or "")
-        if any(c in value for c in "~^|"):
-            raise ValueError(f"terminology {key} {value!r} must not contain '~', '^' or '|'")
-        parts.append(value)
-    return "^".join(parts)
+def _to_slicerio_terminology(terminology: Mapping[str, Any], context: str) -> dict:
+    if "category" not in terminology or "type" not in terminology:
+        raise ValueError(f"terminology needs 'category' and 'type' codes, got keys {sorted(terminology)}")
+    entry: dict[str, Any] = {"contextName": context, "anatomicContextName": DEFAULT_ANATOMIC_CONTEXT}
+    for ours, theirs in _CODE_KEYS:
+        code = terminology.get(ours)
+        if code:
+            values = [_ascii(code.get(key, "") or "") for key in ("scheme", "code", "meaning")]
+            if any(c in value for value in values for c in "~^|"):
+                raise ValueError(f"terminology {ours} {values} must not contain '~', '^' or '|'")
+            entry[theirs] = values
+    return entry
 
 
-def _code_from_string(text: str) -> dict | None:
-    parts = (text.split("^") + ["", "", ""])[:3]
-    if not any(p.strip() for p in parts):
-        return None
-    return {"scheme": parts[0], "code": parts[1], "meaning": parts[2]}
+def _from_slicerio_terminology(entry: Mapping[str, Any]) -> dict | None:
+    def code(values):
+        values = (list(values or []) + ["", "", ""])[:3]
+        return dict(zip(("scheme", "code", "meaning"), values)) if any(v.strip() for v in values) else None
+
+    terminology = {ours: code(entry.get(theirs)) for ours, theirs in _CODE_KEYS}
+    return terminology if terminology["category"] and terminology["type"] else None
 
 
 def terminology_to_string(terminology: Mapping[str, Any], context: str = DEFAULT_TERMINOLOGY_CONTEXT) -> str:
     """Encode a terminology dictionary as Slicer's ``TerminologyEntry`` tag value."""
-    if "category" not in terminology or "type" not in terminology:
-        raise ValueError(f"terminology needs 'category' and 'type' codes, got keys {sorted(terminology)}")
-    return "~".join(
-        [
-            context,
-            _code_to_string(terminology["category"]),
-            _code_to_string(terminology["type"]),
-            _code_to_string(terminology.get("modifier")),
-            DEFAULT_ANATOMIC_CONTEXT,
-            _code_to_string(terminology.get("region")),
-            _code_to_string(terminology.get("region_modifier")),
-        ]
-    )
+    from slicerio.segmentation import terminology_entry_to_string
+
+    return terminology_entry_to_string(_to_slicerio_terminology(terminology, context))
 
 
 def terminology_from_string(text: str) -> dict | None:
@@ -204,69 +198,17 @@ def terminology_from_string(text: str) -> dict | None:
         ``{"category", "type", "modifier", "region", "region_modifier"}``; codes that the tag leaves
         empty are ``None``. Context names are not kept.
     """
-    parts = text.strip().split("~")
-    if len(parts) < 3:
+    from slicerio.segmentation import terminology_entry_from_string
+
+    try:
+        return _from_slicerio_terminology(terminology_entry_from_string(text.strip()))
+    except IndexError:  # fewer than Slicer's seven parts
         return None
-    parts += [""] * (7 - len(parts))
-    category = _code_from_string(parts[1])
-    kind = _code_from_string(parts[2])
-    if category is None or kind is None:
-        return None
-    return {
-        "category": category,
-        "type": kind,
-        "modifier": _code_from_string(parts[3]),
-        "region": _code_from_string(parts[5]),
-        "region_modifier": _code_from_string(parts[6]),
-    }
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def _pack_layers(
-    segments: list[Segment], shape: tuple[int, ...]
-) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Shared label-map layers: each segment goes to the first layer it does not overlap.
-
-    A segment keeps its ``label_value`` unless another segment of the same layer already uses it;
-    then it gets the smallest free value of that layer.
-    """
-    layers: list[np.ndarray] = []
-    used: list[set[int]] = []
-    placement: list[tuple[int, int]] = []
-    for segment in segments:
-        for index, layer in enumerate(layers):
-            if not np.any(layer[segment.mask]):
-                break
-        else:
-            layers.append(np.zeros(shape, dtype=np.int64))
-            used.append(set())
-            index = len(layers) - 1
-        value = segment.label_value
-        if value in used[index]:
-            value = next(v for v in range(1, len(used[index]) + 2) if v not in used[index])
-            logger.debug("segment %r stored with label %d in layer %d", segment.name, value, index)
-        used[index].add(value)
-        layers[index][segment.mask] = value
-        placement.append((index, value))
-    if not layers:
-        layers.append(np.zeros(shape, dtype=np.int64))
-    return layers, placement
-
-
-def _extent(mask: np.ndarray) -> str:
-    """``i0 i1 j0 j1 k0 k1`` of the nonzero voxels; VTK's empty extent ``0 -1 0 -1 0 -1`` if none."""
-    if not mask.any():
-        return "0 -1 0 -1 0 -1"
-    bounds = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
-        bounds += [int(hit[0]), int(hit[-1])]
-    return " ".join(str(b) for b in bounds)
 
 
 def _unique_ids(segments: list[Segment]) -> list[str]:
@@ -284,57 +226,44 @@ def _unique_ids(segments: list[Segment]) -> list[str]:
 
 
 def write_segmentation(seg: Segmentation, path: str | os.PathLike) -> Path:
-    """Write a Slicer ``.seg.nrrd`` on ``seg.reference``'s grid (atomically).
+    """Write a Slicer ``.seg.nrrd`` on ``seg.reference``'s grid (atomically), with slicerio.
 
     Non-overlapping segments share one 3D label map; overlapping ones go to further layers of a
-    4D file. Returns ``path``.
+    4D file. A segment keeps its ``label_value`` in its layer unless another segment of that layer
+    has it already. Returns ``path``.
 
     Raises:
         MoMEError: the output folder does not exist or cannot be written.
     """
-    import nrrd
+    import slicerio
 
     path = Path(path)
     if not path.name.lower().endswith(".nrrd"):
         raise ValueError(f"{path}: a segmentation file must end with .seg.nrrd")
-    reference = seg.reference
-    layers, placement = _pack_layers(seg.segments, reference.shape)
-    high = max((value for _, value in placement), default=1)
+    high = max([s.label_value for s in seg.segments] + [len(seg.segments)], default=1)
     dtype = np.uint8 if high <= 255 else np.uint16
-    directions = (reference.direction * reference.spacing[None, :]).T  # row n: LPS vector of axis n
-    header: dict[str, Any] = {
-        "space": "left-posterior-superior",
-        "space origin": reference.origin.copy(),
-        "encoding": "gzip",
-    }
-    if len(layers) == 1:
-        voxels = layers[0].astype(dtype)
-        header["kinds"] = ["domain", "domain", "domain"]
-        header["space directions"] = directions
-    else:
-        voxels = np.stack(layers).astype(dtype)
-        header["kinds"] = ["list", "domain", "domain", "domain"]
-        header["space directions"] = np.vstack([np.full((1, 3), np.nan), directions])
-    header["Segmentation_MasterRepresentation"] = "Binary labelmap"
-    header["Segmentation_ContainedRepresentationNames"] = "Binary labelmap|"
-    header["Segmentation_ReferenceImageExtentOffset"] = "0 0 0"
-    for n, (segment, segment_id, (layer, value)) in enumerate(
-        zip(seg.segments, _unique_ids(seg.segments), placement)
-    ):
-        prefix = f"Segment{n}_"
-        header[prefix + "ID"] = segment_id
-        header[prefix + "Name"] = _ascii(segment.name) or segment_id
-        header[prefix + "NameAutoGenerated"] = "0"
-        header[prefix + "Color"] = " ".join(f"{c:.6g}" for c in segment.color)
-        header[prefix + "ColorAutoGenerated"] = "0"
-        header[prefix + "LabelValue"] = str(value)
-        header[prefix + "Layer"] = str(layer)
-        header[prefix + "Extent"] = _extent(segment.mask)
+    document = slicerio.create_segmentation(seg.reference.shape, seg.reference.affine_lps, dtype=dtype)
+    document["containedRepresentationNames"] = ["Binary labelmap"]
+    full_extent = [v for n in seg.reference.shape for v in (0, n - 1)]
+    for segment, segment_id in zip(seg.segments, _unique_ids(seg.segments)):
+        fields: dict[str, Any] = {"id": segment_id, "name": _ascii(segment.name) or segment_id,
+                                  "nameAutoGenerated": False, "color": list(segment.color),
+                                  "colorAutoGenerated": False}
         if segment.terminology:
-            header[prefix + "Tags"] = "TerminologyEntry:" + terminology_to_string(segment.terminology) + "|"
+            fields["terminology"] = _to_slicerio_terminology(segment.terminology, DEFAULT_TERMINOLOGY_CONTEXT)
+        added = slicerio.add_segment(document, segment.mask, fields)
+        added["extent"] = full_extent  # as Slicer writes shared layers; some releases crop a layer to it
+        # slicerio numbers each layer 1, 2, ...; keep the caller's value where the layer allows it
+        wanted, layer = segment.label_value, added["layer"]
+        if wanted != added["labelValue"] and wanted not in {
+                s["labelValue"] for s in document["segments"] if s["layer"] == layer}:
+            voxels = document["voxels"]
+            (voxels[layer] if voxels.ndim == 4 else voxels)[segment.mask] = wanted
+            added["labelValue"] = wanted
     with atomic_output(path) as temporary:
-        nrrd.write(str(temporary), voxels, header, index_order="F", compression_level=6)
-    logger.debug("wrote %s: %d segments in %d layer(s)", path, len(seg.segments), len(layers))
+        slicerio.write_segmentation(str(temporary), document, compression_level=6)
+    logger.debug("wrote %s: %d segments in %d layer(s)", path, len(seg.segments),
+                 document["voxels"].shape[0] if document["voxels"].ndim == 4 else 1)
     return path
 
 
@@ -346,49 +275,6 @@ def write_segmentation(seg: Segmentation, path: str | os.PathLike) -> Path:
 def _default_color(index: int) -> tuple[float, float, float]:
     hue = (index * 0.618033988749895) % 1.0
     return tuple(float(c) for c in colorsys.hsv_to_rgb(hue, 0.6, 0.9))  # type: ignore[return-value]
-
-
-def _parse_color(text: str, index: int) -> tuple[float, float, float]:
-    try:
-        values = [float(v) for v in text.split()]
-    except ValueError:
-        return _default_color(index)
-    if len(values) != 3 or not all(np.isfinite(values)):
-        return _default_color(index)
-    return tuple(min(1.0, max(0.0, v)) for v in values)  # type: ignore[return-value]
-
-
-def _parse_tags(text: str) -> dict[str, str]:
-    tags = {}
-    for item in text.split("|"):
-        if ":" in item:
-            key, value = item.split(":", 1)
-            tags[key.strip()] = value
-    return tags
-
-
-def _nrrd_geometry(header: Mapping[str, Any], path: Path) -> tuple[int | None, np.ndarray]:
-    """Index of the non-spatial axis (or ``None``) and the 4x4 index-to-LPS affine of the spatial axes."""
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    if space not in _SPACES_LPS + _SPACES_RAS:
-        raise InputError(f"{path}: unsupported NRRD space {space!r}; expected left-posterior-superior")
-    directions = np.asarray(header.get("space directions"), dtype=np.float64)
-    dimension = int(header["dimension"])
-    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * dimension)]
-    spatial = (
-        [n for n in range(dimension) if np.all(np.isfinite(directions[n]))] if directions.ndim == 2 else []
-    )
-    if len(spatial) != 3:
-        raise InputError(f"{path}: expected 3 spatial axes, found {len(spatial)} (kinds {' '.join(kinds)})")
-    extra = [n for n in range(dimension) if n not in spatial]
-    if len(extra) > 1:
-        raise InputError(f"{path}: {dimension}D image; expected 3D or 4D with one list axis")
-    affine = np.eye(4)
-    affine[:3, :3] = directions[spatial].T
-    affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-    if space in _SPACES_RAS:
-        affine[:3, :] = LPS_TO_RAS @ affine[:3, :]
-    return (extra[0] if extra else None), affine
 
 
 def read_segmentation(path: str | os.PathLike, label_table: Mapping[int, Any] | None = None) -> Segmentation:
@@ -428,56 +314,47 @@ def read_segmentation(path: str | os.PathLike, label_table: Mapping[int, Any] | 
 
 
 def _read_seg_nrrd(path: Path) -> Segmentation:
-    import nrrd
+    import slicerio
 
     try:
-        voxels, header = nrrd.read(str(path), index_order="F")
+        document = slicerio.read_segmentation(str(path))
     except Exception as exc:
         raise InputError(f"{path}: not a readable segmentation ({one_line(exc)})") from exc
-    list_axis, affine = _nrrd_geometry(header, path)
-    voxels = np.asarray(voxels)
-    if list_axis is None:
-        layers = voxels[None]
-    else:
-        layers = np.moveaxis(voxels, list_axis, 0)
+    voxels = np.asarray(document["voxels"])
+    if voxels.ndim not in (3, 4):
+        raise InputError(f"{path}: {voxels.ndim}D image; expected 3D or 4D with one list axis")
+    layers = voxels if voxels.ndim == 4 else voxels[None]
     if not np.issubdtype(layers.dtype, np.integer):
         if not np.array_equal(layers, np.round(layers)):
             raise InputError(f"{path}: segmentation voxels are not integer labels")
         layers = layers.astype(np.int64)
     try:
-        reference = Volume.from_affine(np.zeros(layers.shape[1:], dtype=np.uint8), affine, name=path.name)
+        reference = Volume.from_affine(np.zeros(layers.shape[1:], dtype=np.uint8), document["ijkToLPS"],
+                                       name=path.name)
     except ValueError as exc:
         raise InputError(f"{path}: invalid geometry ({one_line(exc)})") from exc
 
-    fields: dict[int, dict[str, str]] = {}
-    for key, value in header.items():
-        match = re.match(r"^Segment(\d+)_(.+)$", key)
-        if match:
-            fields.setdefault(int(match.group(1)), {})[match.group(2)] = str(value)
-    single_voxel = layers[0].size == 1  # Slicer's placeholder for a segmentation without voxels
     segments = []
-    for order, index in enumerate(sorted(fields)):
-        info = fields[index]
-        layer = int(info.get("Layer", index if list_axis is not None and "LabelValue" not in info else 0))
-        label = int(info.get("LabelValue", 1 if list_axis is not None else order + 1))
+    for order, info in enumerate(document["segments"]):
+        # Slicer 4.x wrote one segment per layer, value 1, without Layer and LabelValue fields.
+        old_style = voxels.ndim == 4 and "layer" not in info and "labelValue" not in info
+        layer = int(info.get("layer", order if old_style else 0))
+        label = int(info.get("labelValue", 1 if voxels.ndim == 4 else order + 1))
         if not 0 <= layer < layers.shape[0]:
-            raise InputError(
-                f"{path}: segment {index} refers to layer {layer}, the file has {layers.shape[0]}"
-            )
-        mask = np.zeros(layers.shape[1:], dtype=bool) if single_voxel else layers[layer] == label
-        tags = _parse_tags(info.get("Tags", ""))
-        terminology = (
-            terminology_from_string(tags["TerminologyEntry"]) if "TerminologyEntry" in tags else None
-        )
-        segment_id = info.get("ID") or f"Segment_{index + 1}"
+            raise InputError(f"{path}: segment {order} refers to layer {layer}, "
+                             f"the file has {layers.shape[0]}")
+        color = info.get("color") or []
+        terminology = info.get("terminology")
+        if len(color) != 3 or not np.all(np.isfinite(color)):
+            color = _default_color(order)
         segments.append(
             Segment(
-                name=info.get("Name", "").strip() or segment_id,
-                mask=mask,
-                color=_parse_color(info.get("Color", ""), order),
+                name=str(info.get("name", "")).strip() or info["id"],
+                mask=layers[layer] == label,
+                color=tuple(min(1.0, max(0.0, float(c))) for c in color),  # type: ignore[arg-type]
                 label_value=max(1, label),
-                terminology=terminology,
-                id=segment_id,
+                terminology=_from_slicerio_terminology(terminology) if terminology else None,
+                id=info["id"],
             )
         )
     return Segmentation(reference, segments)

@@ -170,10 +170,10 @@ def test_header_follows_slicer_layout(tmp_path):
     assert header["Segmentation_ReferenceImageExtentOffset"] == "0 0 0"
     assert header["Segment0_ID"] == "liver" and header["Segment0_Layer"] == "0"
     assert header["Segment1_Layer"] == "1" and header["Segment1_LabelValue"] == "2"
-    assert header["Segment0_Extent"] == "1 2 2 4 0 3"
-    assert header["Segment2_Extent"] == "0 -1 0 -1 0 -1"
+    # every segment's extent is its layer's (the whole grid), as Slicer writes shared layers
+    assert {header[f"Segment{n}_Extent"] for n in range(3)} == {"0 5 0 6 0 7"}
     assert header["Segment0_Tags"] == "TerminologyEntry:" + terminology_to_string(LIVER) + "|"
-    assert header["Segment0_Color"] == "1 0.5 0"
+    assert [float(c) for c in header["Segment0_Color"].split()] == [1.0, 0.5, 0.0]
     np.testing.assert_array_equal(voxels[0] == 1, a)
     np.testing.assert_array_equal(voxels[1] == 2, b)
 
@@ -298,6 +298,23 @@ def test_reads_multi_layer_cropped_slicer_export_and_aligns_it(tmp_path):
     expected[3:7, 2:5, 1:6] = layers[0] == 1
     np.testing.assert_array_equal(aligned["a"].mask, expected)
     assert aligned["c"].mask.sum() == 1 and aligned["c"].mask[6, 4, 5]
+
+
+def test_reads_a_single_voxel_segmentation_cropped_by_slicer(tmp_path):
+    """Slicer crops to the segments: one marked voxel is a 1x1x1 image at the offset (not an empty file)."""
+    reference = grid()
+    offset = np.array([2, 3, 4])
+    voxel = Volume(np.ones((1, 1, 1), np.uint8), reference.spacing, reference.index_to_physical(offset),
+                   reference.direction)
+    segments = [{"ID": "dot", "Name": "dot", "Color": "1 0 0", "LabelValue": "1", "Layer": "0",
+                 "Extent": "0 0 0 0 0 0"},
+                {"ID": "none", "Name": "none", "Color": "0 1 0", "LabelValue": "2", "Layer": "0",
+                 "Extent": "0 0 0 0 0 0"}]
+    header = slicer_header(voxel, 3, segments, offset=offset)
+    nrrd.write(str(tmp_path / "dot.seg.nrrd"), voxel.array, header, index_order="F")
+    aligned = align_segmentation(read_segmentation(tmp_path / "dot.seg.nrrd"), reference)
+    assert np.argwhere(aligned["dot"].mask).tolist() == [offset.tolist()]
+    assert not aligned["none"].mask.any()
 
 
 def test_reads_old_style_files_without_layer_keys(tmp_path):
