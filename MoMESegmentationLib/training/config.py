@@ -43,11 +43,18 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "DATASET_KINDS",
+    "SYNTH_LABEL_MAPS",
 ]
 
 #: Kinds of dataset entries: generated phantoms, the bundled real CT, a manifest of
-#: (image, label) pairs, a public dataset folder read through a table-driven adapter.
-DATASET_KINDS = ("phantoms", "sample_ct", "manifest", "adapter")
+#: (image, label) pairs, a public dataset folder read through a table-driven adapter, CTs
+#: synthesised from label maps (MoMESegmentationLib.data.synthesis).
+DATASET_KINDS = ("phantoms", "sample_ct", "manifest", "adapter", "synth")
+
+#: Label maps a ``synth`` dataset draws from: the bundled CT's (its image is never used), the
+#: bundled MR slab's (a second patient), and phantoms' (seeds from ``seed + 500000``, disjoint from
+#: the validation phantoms').
+SYNTH_LABEL_MAPS = ("sample_ct", "sample_mr", "phantoms")
 
 
 @dataclass
@@ -77,6 +84,8 @@ class DatasetSpec:
     version: str | None = None
     max_cases: int | None = None  # use only the first N cases (sorted by case id)
     cache_rate: float = 1.0  # fraction of preprocessed cases MONAI's CacheDataset keeps in memory
+    # synth: n scans from seeds seed .. seed + n - 1, cycling through these label maps (SYNTH_LABEL_MAPS)
+    label_maps: list[str] | None = None
 
 
 @dataclass
@@ -208,6 +217,11 @@ class TrainConfig:
                 raise MoMEError(f"{where}: dataset of kind 'adapter' needs 'adapter' and 'root'")
             if spec.kind == "manifest" and not (spec.manifest or spec.entries):
                 raise MoMEError(f"{where}: dataset of kind 'manifest' needs 'manifest' or 'entries'")
+            if spec.kind == "synth":
+                unknown = [m for m in spec.label_maps or [] if m not in SYNTH_LABEL_MAPS]
+                if not spec.label_maps or unknown:
+                    raise MoMEError(f"{where}: dataset of kind 'synth' needs 'label_maps' from {SYNTH_LABEL_MAPS}"
+                                    + (f", not {unknown}" if unknown else ""))
             if spec.weight <= 0:
                 raise MoMEError(f"{where}: dataset {spec.name or spec.kind} weight must be positive")
         if len(self.transforms.spacing) != 3 or min(self.transforms.spacing) <= 0:

@@ -388,6 +388,87 @@ class PhantomSource(CaseSource):
         return list(self.case(0)["structure_values"])
 
 
+class SynthSource(CaseSource):
+    """CTs synthesised from label maps (:mod:`~MoMESegmentationLib.data.synthesis`), preprocessed and cached.
+
+    Scan ``n`` of the dataset (seed ``spec.seed + n``) is drawn from label map ``n`` modulo the
+    list ``spec.label_maps`` (``SYNTH_LABEL_MAPS``): the bundled CT's label map (never its image),
+    the bundled MR slab's, or a phantom's (a new phantom per scan, seeds from ``seed + 500000``).
+    Every structure of a label map's table counts as annotated, so a structure the table names but
+    the scan does not hold is a true negative: prompts for it must give an empty mask.
+    """
+
+    PHANTOM_SEED_OFFSET = 500_000
+
+    def __init__(self, spec: DatasetSpec, structures: Sequence[str], groups: dict[str, list[str]],
+                 transforms: TransformConfig, cache_workers: int = 0) -> None:
+        from monai.data import CacheDataset
+        from monai.transforms import Compose, Lambda
+
+        self.spec = spec
+        self.name = spec.name
+        self.weight = spec.weight
+        self.structures = list(structures)
+        self.groups = groups
+        self.dataset = CacheDataset(
+            data=list(range(int(spec.n))),
+            transform=Compose([Lambda(func=self._draw), preprocess_transforms(transforms)]).flatten(),
+            cache_rate=spec.cache_rate,
+            num_workers=cache_workers or None,
+            progress=False,
+        )
+
+    def __len__(self) -> int:
+        return int(self.spec.n)
+
+    def label_map(self, index: int) -> tuple[Volume, dict[int, str]]:
+        """The label map (and its table) that scan ``index`` is drawn from."""
+        from ..data.sample import load_sample_ct, load_sample_mr_labels
+
+        maps = list(self.spec.label_maps or [])
+        kind = maps[int(index) % len(maps)]
+        if kind == "sample_ct":
+            case = load_sample_ct()
+            return case.labels, case.label_table
+        if kind == "sample_mr":
+            return load_sample_mr_labels()
+        from ..data.phantoms import make_phantom
+
+        # The label map's grid: the dataset's spacing range (default 2.5 to 4.5 mm), not the
+        # generator's sub-millimetre default: the scan is resampled to the training spacing anyway.
+        low, high = self.spec.spacing_range or (2.5, 4.5)
+        phantom = make_phantom(int(self.spec.seed) + self.PHANTOM_SEED_OFFSET + int(index),
+                               random_orientation=self.spec.random_orientation, spacing_range=(low, high),
+                               noise=False)
+        return phantom.labels, phantom.label_table
+
+    def _draw(self, index: int) -> dict[str, Any]:
+        from ..data.synthesis import synthesize_ct
+
+        labels, table = self.label_map(index)
+        seed = int(self.spec.seed) + int(index)
+        scan = synthesize_ct(labels, table, seed=sample_seed(seed, 0, 11))
+        values = {int(v): (str(n),) for v, n in table.items()}
+        return make_item(scan.image, np.asarray(scan.labels.array).astype(np.int32), values, self.structures,
+                         self.groups, case_id=f"synth{seed}", dataset=self.name)
+
+    def case(self, index: int) -> dict[str, Any]:
+        return self.dataset[int(index) % len(self)]
+
+    def annotated(self) -> list[str]:
+        return sorted({s for i in range(min(len(self), len(self.spec.label_maps or [])))
+                       for s in self.case(i)["structure_values"]})
+
+
+def synth_label_names(spec: DatasetSpec) -> set[str]:
+    """Every name the label maps of a ``synth`` dataset label (without drawing a scan)."""
+    from ..data.phantoms import phantom_label_table
+    from ..data.sample import sample_label_table, sample_mr_label_table
+
+    tables = {"sample_ct": sample_label_table, "sample_mr": sample_mr_label_table, "phantoms": phantom_label_table}
+    return {str(n) for kind in spec.label_maps or [] for n in tables[kind]().values()}
+
+
 class CaseListSource(CaseSource):
     """Cases read from files (manifest, adapter or the bundled CT), preprocessed once and cached.
 
@@ -550,10 +631,13 @@ def build_sources(config: TrainConfig, structures: Sequence[str], load: bool = T
     reports: dict[str, dict] = {}
     fraction = config.data.validation.fraction
     for spec in config.data.datasets:
-        if spec.kind in ("phantoms", "sample_ct") and not load:
+        if spec.kind in ("phantoms", "sample_ct", "synth") and not load:
             continue
         if spec.kind == "phantoms":
             sources.append(PhantomSource(spec, structures, groups, config.transforms, config.data.cache_workers))
+            continue
+        if spec.kind == "synth":
+            sources.append(SynthSource(spec, structures, groups, config.transforms, config.data.cache_workers))
             continue
         if spec.kind == "sample_ct":
             sources.append(CaseListSource(spec.name, spec.weight, [lambda: _sample_ct_item(structures, groups)],

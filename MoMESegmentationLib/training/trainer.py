@@ -135,6 +135,10 @@ def discover_structures(config: TrainConfig) -> list[str]:
             from ..data.sample import sample_label_table
 
             names = sample_label_table().values()
+        elif spec.kind == "synth":
+            from .datasets import synth_label_names
+
+            names = sorted(synth_label_names(spec))
         elif spec.kind == "adapter":
             names = load_table(spec.adapter or "", spec.version).labels.structures()
         else:
@@ -663,6 +667,14 @@ def dry_run(config: TrainConfig) -> str:
             labelled = [s for s in structures if s in names or
                         (s in groups and all(m in names for m in groups[s]))]
             rows.append((spec.name, "sample_ct", "1", "0", ", ".join(labelled)))
+        elif spec.kind == "synth":
+            from .datasets import synth_label_names
+
+            names = synth_label_names(spec)
+            labelled = [s for s in structures if s in names or
+                        (s in groups and all(m in names for m in groups[s]))]
+            rows.append((spec.name, "synth (" + "+".join(spec.label_maps or []) + ")", str(spec.n), "0",
+                         ", ".join(labelled)))
         else:
             report = source_set.reports.get(spec.name, {})
             from .datasets import dataset_records

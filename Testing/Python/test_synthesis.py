@@ -113,3 +113,38 @@ def test_deformation_keeps_left_and_right(case, seed):
     before = centroid_lps(case.labels, case.labels.array == value_of(case.label_table, "liver"))
     after = centroid_lps(case.labels, out == value_of(case.label_table, "liver"))
     assert np.linalg.norm(after - before) < 60
+
+
+# ----------------------------------------------------------------------------- training source
+
+
+def test_synth_source_gives_training_items_from_each_label_map():
+    from MoMESegmentationLib.training.config import DatasetSpec, TransformConfig
+    from MoMESegmentationLib.training.datasets import SynthSource, synth_label_names
+
+    spec = DatasetSpec(kind="synth", name="synth", n=3, seed=0, label_maps=["sample_ct", "sample_mr", "phantoms"])
+    structures = ["liver", "spleen", "urinary_bladder"]
+    source = SynthSource(spec, structures, {}, TransformConfig(spacing=[6.0, 6.0, 6.0], patch_size=[32, 32, 32]))
+    assert len(source) == 3
+    for index in range(3):
+        item = source.case(index)
+        label = np.asarray(item["label"])
+        assert item["image"].shape == label.shape and label.ndim == 4
+        liver = item["structure_values"]["liver"]
+        assert np.isin(label, liver).sum() > 50, f"scan {index}: no liver"
+        assert set(item["structure_values"]) == set(structures)
+    # the MR slab's table names the bladder, which the slab does not hold: a true negative
+    mr = source.case(1)
+    assert not np.isin(np.asarray(mr["label"]), mr["structure_values"]["urinary_bladder"]).any()
+    assert {"liver", "vertebrae", "kidney_left", "aorta"} <= synth_label_names(spec)
+
+
+def test_synth_config_names_its_label_maps(tmp_path):
+    from MoMESegmentationLib.errors import MoMEError
+    from MoMESegmentationLib.training.config import config_from_dict
+
+    raw = {"data": {"datasets": [{"kind": "synth", "n": 2, "label_maps": ["sample_ct", "somewhere"]}]}}
+    with pytest.raises(MoMEError, match="somewhere"):
+        config_from_dict(raw).validate()
+    raw["data"]["datasets"][0]["label_maps"] = ["sample_mr"]
+    config_from_dict(raw).validate()
