@@ -7,9 +7,11 @@ in Slicer's process).
 
 What can be installed:
 
-* a registered model with a ``source_url`` and an importer (``universal-model``): downloaded,
-  checked against the registry's SHA-256 when it has one, and converted; a finished download in
-  ``<store>/downloads/`` (from ``mome models download``) is used instead of fetching it again;
+* a registered model with a ``source_url`` and an importer (``universal-model``): downloaded
+  (:func:`~MoMESegmentationLib.downloads.download_file`; weights on the Hugging Face Hub go to the
+  Hugging Face cache, where they stay for the next installation), checked against the registry's
+  SHA-256 when it has one, and converted; a finished download in ``<store>/downloads/`` (from
+  ``mome models download``) is used instead of fetching it again;
 * ``--file`` with the public weights (``.pth``/``.pt``, read with PyTorch's weights-only loader)
   of a registered model: converted;
 * ``--file`` with a MoME checkpoint (``.safetensors`` beside its ``.json``, as
@@ -78,7 +80,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 #: Names a model may be installed under: a folder name on every platform.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RESERVED = {"downloads"}
-#: Times an interrupted download is resumed within one installation.
+#: Times a download that broke off is tried again within one installation.
 DOWNLOAD_RETRIES = 3
 #: Share of the progress bar the download takes (the rest: checks, conversion, the move).
 _DOWNLOAD_SHARE = 0.8
@@ -291,8 +293,9 @@ def _move_into_place(staged: Path, final: Path, staging: Path) -> None:
 
 def _download_source(plan: InstallPlan, root: Path, staging: Path, progress: Progress, timeout: float,
                      cancel: Callable[[], bool] | None, retries: int) -> Path:
-    """The downloaded public weights: a finished file in ``<store>/downloads`` or a new download
-    into the staging folder (resumed up to ``retries`` times after a broken connection)."""
+    """The downloaded public weights: a finished file in ``<store>/downloads`` or a new download (for
+    a Hub file: into the Hugging Face cache, linked from the staging folder; otherwise into the
+    staging folder), tried up to ``retries`` more times after a broken connection."""
     from .downloads import DownloadInterrupted, download_file, downloads_dir, sha256_file
 
     entry = plan.entry
@@ -326,10 +329,10 @@ def _download_source(plan: InstallPlan, root: Path, staging: Path, progress: Pro
             break
         except DownloadInterrupted as error:
             if attempt == retries:
-                message = str(error).replace("run the same command again to resume",
-                                             f"gave up after {retries} resumed attempts")
+                message = str(error).replace("run the same command again",
+                                             f"gave up after {retries} more attempts")
                 raise DownloadInterrupted(message) from None
-            logger.info("%s; resuming", error)
+            logger.info("%s; trying again", error)
             _check(cancel, plan.name)
     progress(_DOWNLOAD_SHARE, "verify", f"sha256 {result.sha256}")
     return result.path
@@ -405,7 +408,7 @@ def install_model(
             installation is always replaced).
         registry: entries to use instead of ``Resources/models.json``.
         timeout: seconds without data before a download gives up (default 30).
-        retries: times a broken download is resumed.
+        retries: times a download that broke off is tried again.
 
     Returns:
         The installed ``.safetensors`` checkpoint (``resolve_model(name, store)`` returns it too).

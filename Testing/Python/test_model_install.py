@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -59,30 +60,50 @@ def one_line_error(capsys, *names: str) -> str:
     return err
 
 
+HUB_PATH = "/org/universal/resolve/main/weights.pth"
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.payload`` at /weights.pth (Range supported); ``server.delay`` slows each 64 KiB."""
+    """Serves ``server.payload`` at /weights.pth and, answering as the Hugging Face Hub does, at
+    HUB_PATH (Range supported); ``server.delay`` slows each 64 KiB; ``server.sent`` counts bytes."""
 
     def log_message(self, *args) -> None:
         pass
 
+    def _head(self, status: int, start: int = 0) -> None:
+        payload = self.server.payload
+        self.send_response(status)
+        if self.path == HUB_PATH:
+            digest = hashlib.sha256(payload).hexdigest()
+            self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+            self.send_header("ETag", f'"{digest}"')
+            self.send_header("X-Linked-Etag", f'"{digest}"')
+            self.send_header("X-Linked-Size", str(len(payload)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+        self.send_header("Content-Length", str(len(payload) - start))
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append("HEAD " + self.path)
+        if self.path != HUB_PATH:
+            self.send_error(404, "Not Found")
+            return
+        self._head(200)
+
     def do_GET(self) -> None:
         server = self.server
         server.requests.append(self.path)
-        if self.path != "/weights.pth":
+        if self.path not in ("/weights.pth", HUB_PATH):
             self.send_error(404, "Not Found")
             return
         payload = server.payload
         start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-        if start:
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(payload) - start))
-        self.end_headers()
+        self._head(206 if start else 200, start)
         try:
             for offset in range(start, len(payload), 1 << 16):
                 self.wfile.write(payload[offset:offset + (1 << 16)])
+                server.sent += len(payload[offset:offset + (1 << 16)])
                 if server.delay:
                     self.wfile.flush()
                     time.sleep(server.delay)
@@ -91,13 +112,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def server():
+def server(tmp_path, monkeypatch):
+    """The local server; huggingface_hub is pointed at it (``HF_ENDPOINT``, online, its cache in
+    ``tmp_path/hf-cache``); ``server.env`` is the same for a child process."""
+    import huggingface_hub.constants as constants
+
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    httpd.requests, httpd.payload, httpd.delay = [], b"", 0.0
+    httpd.requests, httpd.payload, httpd.delay, httpd.sent = [], b"", 0.0, 0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/weights.pth"
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.url, httpd.hub_url = endpoint + "/weights.pth", endpoint + HUB_PATH
+    httpd.cache = tmp_path / "hf-cache"
+    httpd.env = {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(httpd.cache), "HF_HUB_OFFLINE": "0"}
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(httpd.cache))
     yield httpd
     httpd.shutdown()
     httpd.server_close()
@@ -169,19 +200,22 @@ def test_cli_install_from_pth(public_file, installed, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- download
-def test_install_by_download_checks_sha256(server, public_file, tmp_path):
+@pytest.mark.parametrize("where", ["hub", "elsewhere"])
+def test_install_by_download_checks_sha256(server, public_file, tmp_path, where):
     server.payload = public_file.read_bytes()
     good = hashlib.sha256(server.payload).hexdigest()
+    url = server.hub_url if where == "hub" else server.url
 
     bad_store = tmp_path / "bad"
-    wrong = load_registry(registry_file(tmp_path, server.url, sha256="0" * 64))
+    wrong = load_registry(registry_file(tmp_path, url, sha256="0" * 64))
     with pytest.raises(MoMEError, match="SHA-256") as info:
         install_model(UM, store=bad_store, yes=True, registry=wrong)
-    assert "\n" not in str(info.value) and server.url in str(info.value)
-    assert not bad_store.exists()  # the partial download was removed with the staging folder
+    assert "\n" not in str(info.value) and url in str(info.value)
+    assert not bad_store.exists()  # the download (or its link) was removed with the staging folder
+    shutil.rmtree(server.cache, ignore_errors=True)  # downloaded again below, with its progress
 
     store = tmp_path / "store"
-    right = load_registry(registry_file(tmp_path, server.url, sha256=good))
+    right = load_registry(registry_file(tmp_path, url, sha256=good))
     calls: list[tuple[float, str, str]] = []
     path = install_model(UM, store=store, yes=True, registry=right, progress=lambda *a: calls.append(a))
     assert resolve_model(UM, store) == path
@@ -362,17 +396,18 @@ def test_panel_helpers_do_not_import_torch(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def _job(args: list[str], tmp_path: Path) -> InstallJob:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _job(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> InstallJob:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     return InstallJob(install_command(sys.executable, *args[:1], store=tmp_path / "store") + args[1:],
                       env=env, cwd=REPO, cancel_grace_s=20).start()
 
 
 def test_background_job_cancels_a_download(server, tmp_path):
-    """What the panel runs: the CLI in a child process, JSON progress, 'cancel' on stdin."""
-    server.payload = os.urandom(16 << 20)
-    server.delay = 0.05  # 64 KiB every 50 ms: the download would take 13 s
-    job = _job([UM, "--registry", str(registry_file(tmp_path, server.url))], tmp_path)
+    """What the panel runs: the CLI in a child process, JSON progress, 'cancel' on stdin; the Hub
+    download stops between two of huggingface_hub's 10 MiB blocks, before the file is complete."""
+    server.payload = os.urandom(48 << 20)
+    server.delay = 0.01  # 64 KiB every 10 ms: the download would take about 8 s
+    job = _job([UM, "--registry", str(registry_file(tmp_path, server.hub_url))], tmp_path, server.env)
     deadline = time.monotonic() + 60
     while job.running and not job.message.endswith(" MB") and time.monotonic() < deadline:
         job.poll()  # until bytes arrive
@@ -384,6 +419,7 @@ def test_background_job_cancels_a_download(server, tmp_path):
     assert time.monotonic() - cancelled_at < 8  # the child stopped by itself, well before the kill
     assert job.returncode == 2 and job.path is None
     assert not (tmp_path / "store").exists()
+    assert server.sent < len(server.payload) and not list(server.cache.glob("*/blobs/*"))  # no partial file
 
 
 def test_background_job_installs_a_checkpoint(tiny, tmp_path):
