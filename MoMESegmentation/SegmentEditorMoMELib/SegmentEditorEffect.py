@@ -166,7 +166,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("MoME.SlabHalfThickness", 5)
 
     def updateGUIFromMRML(self):
-        if self.ui is None:
+        if self.ui is None or self.scriptedEffect.parameterSetNode() is None:
             return
         for widget, parameter in ((self.ui.modeSelector, "MoME.Mode"), (self.ui.regionSelector, "MoME.Region")):
             index = widget.findData(self.scriptedEffect.parameter(parameter))
@@ -181,7 +181,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateRegionWidgets()
 
     def updateMRMLFromGUI(self, *args):
-        if self.ui is None:
+        if self.ui is None or self.scriptedEffect.parameterSetNode() is None:
             return
         self.scriptedEffect.setParameter("MoME.Mode", self.ui.modeSelector.currentData)
         self.scriptedEffect.setParameter("MoME.Region", self.ui.regionSelector.currentData)
@@ -197,7 +197,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """The selected segment's structure, when the selection changed (the user's typing is kept otherwise)."""
         node = self.scriptedEffect.parameterSetNode()
         segmentID = node.GetSelectedSegmentID() if node else None
-        if not segmentID or segmentID == self._promptSegmentID:
+        if not segmentID or segmentID == self._promptSegmentID or node.GetSegmentationNode() is None:
             return
         segment = node.GetSegmentationNode().GetSegmentation().GetSegment(segmentID)
         if segment is not None:
