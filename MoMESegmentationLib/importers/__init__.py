@@ -4,7 +4,8 @@
   (``mome import universal-model FILE.pth``);
 * :mod:`.monai_swin` -- MONAI's self-supervised Swin UNETR weights -> a MoME backbone
   (``mome train --init-backbone FILE``);
-* :mod:`.legacy_swin` -- the pre-MONAI-1.5 Swin patch merging those weights were trained with;
+* :mod:`.legacy_swin` -- the pre-MONAI-1.5 Swin patch merging those weights were trained with (part
+  of the network: :mod:`MoMESegmentationLib.model.legacy_merging`, re-exported);
 * :mod:`.safe_load` -- ``.pth`` files are read with ``torch.load(weights_only=True)`` only.
 
 Submodules are imported on use, so ``import MoMESegmentationLib.importers`` stays light.

@@ -12,7 +12,8 @@ Two public files (Apache-2.0, Tang et al., CVPR 2022; self-supervised on 5,050 C
 :func:`load_backbone_weights` maps either layout onto ``model.backbone`` and reports which
 tensors were loaded, which backbone tensors kept their initialisation and which file tensors were
 not used. Both files predate MONAI 1.5; the backbone switches to the patch merging they were
-trained with (:mod:`.legacy_swin`) whenever the model's config can record that choice.
+trained with (:mod:`~MoMESegmentationLib.model.legacy_merging`) whenever the model's config can
+record that choice.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .legacy_swin import legacy_config_supported, patch_merging_mode, use_legacy_patch_merging
+from ..model.legacy_merging import legacy_config_supported, patch_merging_mode, use_legacy_patch_merging
 from .safe_load import find_state_dict, load_weights_only, sha256_file, strip_prefix
 
 __all__ = ["BackboneLoadReport", "map_monai_key", "load_backbone_weights"]
@@ -128,9 +129,10 @@ def load_backbone_weights(
         path: ``model_swinvit.pt`` or ``swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt`` (or any
             file with either layout); read with ``weights_only=True``.
         legacy_patch_merging: switch the backbone to the pre-MONAI-1.5 patch merging these
-            weights were trained with (:mod:`.legacy_swin`). ``None`` (default) does so when the
-            model's config can record it (``MoMEConfig.swin_downsample="merging_legacy"``), so
-            that checkpoints saved after training rebuild the same network; otherwise the
+            weights were trained with (:mod:`~MoMESegmentationLib.model.legacy_merging`). ``None``
+            (default) does so when the model's config can record it
+            (``MoMEConfig.swin_downsample="merging_legacy"``), so that checkpoints saved after
+            training rebuild the same network; otherwise the
             current merging is kept (fine-tuning adapts the reduction layers) and a warning says so.
 
     Returns:

@@ -19,7 +19,8 @@ The ``universal-model`` MoME variant has the same layout (see :mod:`MoMESegmenta
     organ_embedding          [32, 512]       structure embedding table (checkpoint "vocab.embeddings")
 
 The backbone was trained with MONAI's pre-1.5 patch merging, which the converted network
-reproduces (:mod:`.legacy_swin`). Preprocessing and inference follow the original test script:
+reproduces (:mod:`~MoMESegmentationLib.model.legacy_merging`). Preprocessing and inference follow
+the original test script:
 RAS, 1.5 mm, HU window [-175, 250] -> [0, 1], 96^3 sliding windows with overlap 0.5 and Gaussian
 blending, sigmoid, threshold 0.5.
 
@@ -40,7 +41,7 @@ import torch
 from ..checkpoint import DEFAULT_PREPROCESSING
 from ..errors import CheckpointError
 from ..resources import resource_path
-from .legacy_swin import LEGACY_MERGING, legacy_config_supported, use_legacy_patch_merging
+from ..model.legacy_merging import LEGACY_MERGING, legacy_config_supported, use_legacy_patch_merging
 from .safe_load import find_state_dict, load_weights_only, sha256_file, strip_prefix
 
 __all__ = [

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import SwinUNETR
 
+from .legacy_merging import LEGACY_MERGING, LegacyPatchMerging
+
 __all__ = ["NUM_DECODER_SCALES", "SwinUNETRBackbone", "decoder_channels"]
 
 #: Number of decoder stages exposed as features (full resolution down to 1/16).
@@ -65,7 +67,7 @@ class SwinUNETRBackbone(SwinUNETR):
         downsample: patch-merging variant: ``"merging"`` (MONAI's ``PatchMerging``; its voxel order
             changed in MONAI 1.5), ``"mergingv2"``, or ``"merging_legacy"`` (the pre-1.5 order that
             published Swin UNETR and Universal Model weights were trained with; see
-            :mod:`MoMESegmentationLib.importers.legacy_swin`).
+            :mod:`.legacy_merging`).
         use_v2: SwinUNETR-V2 residual convolution at the start of each stage.
         patch_size: training patch size; only passed to MONAI releases whose constructor still
             requires ``img_size``.
@@ -99,11 +101,7 @@ class SwinUNETRBackbone(SwinUNETR):
             raise ValueError(f"finest_scale must be in 0..{NUM_DECODER_SCALES - 1}, got {finest_scale}")
         if downsample not in ("merging", "mergingv2", "merging_legacy"):
             raise ValueError(f"downsample must be 'merging', 'mergingv2' or 'merging_legacy', got {downsample!r}")
-        merging: str | type = downsample
-        if downsample == "merging_legacy":
-            from ..importers.legacy_swin import LegacyPatchMerging
-
-            merging = LegacyPatchMerging
+        merging: str | type = LegacyPatchMerging if downsample == LEGACY_MERGING else downsample
         kwargs = dict(
             in_channels=in_channels,
             out_channels=1,

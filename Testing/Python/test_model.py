@@ -320,3 +320,28 @@ def test_config_dict_round_trip():
     assert MoMEConfig.from_dict(data) == config
     with pytest.raises(ValueError, match="bogus"):
         MoMEConfig.from_dict({**data, "bogus": 1})
+
+
+def test_model_package_never_imports_the_importers():
+    """The network (legacy patch merging included) is self-contained; importers depend on it, not back."""
+    import ast
+    from pathlib import Path
+
+    import MoMESegmentationLib.model as package
+    from MoMESegmentationLib.importers import legacy_swin
+    from MoMESegmentationLib.model import legacy_merging
+
+    offenders = []
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {n}" for n in names if "importers" in n.split(".")]
+    assert not offenders, f"model/ imports the importers: {offenders}"
+    # The importers' path still names the same objects.
+    assert legacy_swin.LegacyPatchMerging is legacy_merging.LegacyPatchMerging
+    assert legacy_swin.use_legacy_patch_merging is legacy_merging.use_legacy_patch_merging
