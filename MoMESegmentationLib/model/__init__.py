@@ -8,6 +8,7 @@ from .factory import MODEL_CONFIGS, create_model, get_config, list_models
 from .heads import DynamicHead
 from .mome import MoME, MoMEConfig
 from .router import RouterOutput, TextGuidedRouter, switch_balance_loss, top_k_gates
+from .swin_attention import SDPAWindowAttention, attention_mode, use_sdpa_attention
 
 __all__ = [
     "MoMEConfig",
@@ -24,4 +25,7 @@ __all__ = [
     "DynamicHead",
     "top_k_gates",
     "switch_balance_loss",
+    "SDPAWindowAttention",
+    "use_sdpa_attention",
+    "attention_mode",
 ]

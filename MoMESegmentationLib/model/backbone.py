@@ -36,6 +36,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from .legacy_merging import LEGACY_MERGING, LegacyPatchMerging
+from .swin_attention import ATTENTION_MODES, default_attention, use_sdpa_attention
 
 __all__ = ["NUM_DECODER_SCALES", "SwinUNETRBackbone", "decoder_channels"]
 
@@ -71,6 +72,10 @@ class SwinUNETRBackbone(SwinUNETR):
         use_v2: SwinUNETR-V2 residual convolution at the start of each stage.
         patch_size: training patch size; only passed to MONAI releases whose constructor still
             requires ``img_size``.
+        attention: Swin window attention: ``"sdpa"`` (fused
+            ``scaled_dot_product_attention``, :mod:`.swin_attention`) or ``"monai"`` (MONAI's
+            explicit softmax); same parameters and results either way. ``None``:
+            :func:`~.swin_attention.default_attention`.
 
     Example::
 
@@ -96,11 +101,15 @@ class SwinUNETRBackbone(SwinUNETR):
         downsample: str = "merging",
         use_v2: bool = False,
         patch_size: Sequence[int] = (96, 96, 96),
+        attention: str | None = None,
     ) -> None:
         if not 0 <= finest_scale < NUM_DECODER_SCALES:
             raise ValueError(f"finest_scale must be in 0..{NUM_DECODER_SCALES - 1}, got {finest_scale}")
         if downsample not in ("merging", "mergingv2", "merging_legacy"):
             raise ValueError(f"downsample must be 'merging', 'mergingv2' or 'merging_legacy', got {downsample!r}")
+        attention = default_attention() if attention is None else attention
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         merging: str | type = LegacyPatchMerging if downsample == LEGACY_MERGING else downsample
         kwargs = dict(
             in_channels=in_channels,
@@ -121,6 +130,7 @@ class SwinUNETRBackbone(SwinUNETR):
             kwargs["img_size"] = tuple(patch_size)  # MONAI < 1.5
         super().__init__(**kwargs)
         del self.out  # replaced by the MoME heads; never computed
+        use_sdpa_attention(self, attention == "sdpa")
         self.feature_size = feature_size
         self.finest_scale = finest_scale
         for scale in range(finest_scale):
