@@ -1,9 +1,9 @@
 """The ``mome`` command line.
 
 Subcommands: ``demo``, ``segment``, ``evaluate``, ``models`` (list, ``download``, ``install``),
-``info``, ``worker``, ``review`` (where a model and an existing label disagree), ``corrections``
-(corrected segmentations as training data), and, when their modules are present, ``train`` and
-``import``. A user mistake
+``info``, ``worker``, ``serve`` (an HTTP server for clients without a GPU), ``review`` (where a model
+and an existing label disagree), ``corrections`` (corrected segmentations as training data), and, when
+their modules are present, ``train`` and ``import``. A user mistake
 prints one line starting with ``mome: error:`` and exits with status 2; nothing is left half-written.
 """
 
@@ -105,6 +105,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .engine import Segmenter
     from .io.readers import read_volume
     from .outputs import check_output, write_result
+    from .worker_client import WorkerError
 
     inputs = [Path(p) for p in args.inputs]
     out = Path(args.output)
@@ -120,6 +121,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for target in outputs:
         check_output(target, args.overwrite)
     roi = _parse_roi(args.roi)
+    if args.server:  # on a `mome serve` server: same outputs, written atomically here
+        from .remote_client import api_key_from_env, segment_on_server
+
+        options = {"roi": roi, "probabilities": args.probabilities, "fast": args.fast,
+                   "largest_component": args.largest_component, "anatomy_guard": args.anatomy_guard}
+        try:
+            segment_on_server(args.server, args.api_key or api_key_from_env(), inputs, outputs, args.prompt,
+                              options, quiet=args.quiet)
+        except WorkerError as error:
+            raise MoMEError(str(error)) from None
+        return 0
     segmenter = Segmenter(args.model, args.device, threads=args.threads)
     segmenter.plan_prompts(args.prompt)  # fail on a bad prompt before reading any volume
     for path, target in zip(inputs, outputs):
@@ -377,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-anatomy-guard", dest="anatomy_guard", action="store_false",
                          help="segment non-CT input and keep masks the scan's field of view makes implausible "
                               "(e.g. a liver in a head CT); for unusual anatomy")
+    segment.add_argument("--server", default=None, metavar="URL",
+                         help="run on a 'mome serve' server (e.g. https://gpu-box:8765) instead of here")
+    segment.add_argument("--api-key", default=None, help="the server's API key (default: $MOME_API_KEY)")
     _add_runtime_options(segment)
     segment.set_defaults(handler=cmd_segment)
 
@@ -424,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="JSON-lines worker for the Slicer module (stdin/stdout)")
     worker.set_defaults(handler=cmd_worker)
 
-    for module_name in ("training.cli", "importers.cli", "review", "corrections"):
+    for module_name in ("training.cli", "importers.cli", "review", "corrections", "server"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
         except ImportError as error:
