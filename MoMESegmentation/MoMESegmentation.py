@@ -89,6 +89,7 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
 from MoMESlicer.correction import start_structure_job  # noqa: E402
 from MoMESlicer.scene import SlicerScene  # noqa: E402
 from MoMESegmentationLib.worker_client import WorkerClient  # noqa: E402
+from MoMESegmentationLib.remote_client import api_key_from_env, client_for, connection_report  # noqa: E402
 
 
 def moduleResourcePath(*parts):
@@ -225,6 +226,16 @@ class Device(enum.Enum):
         return {Device.AUTO: _("Auto (GPU if available)"), Device.GPU: _("GPU (CUDA)"), Device.CPU: _("CPU")}[self]
 
 
+class RunOn(enum.Enum):
+    """Where the segmentation runs: a worker process here, or a ``mome serve`` server."""
+
+    LOCAL = "local"
+    SERVER = "server"
+
+    def label(self):
+        return {RunOn.LOCAL: _("This computer"), RunOn.SERVER: _("A server (mome serve)")}[self]
+
+
 class SegmentMode(enum.Enum):
     """What happens to existing segments that have the name of a result segment."""
 
@@ -252,6 +263,8 @@ class MoMESegmentationParameterNode:
     largestComponent - Keep only the largest connected component of each structure.
     fastMode - 1.2x coarser grid: about 3x quicker on a CPU.
     anatomyGuard - Refuse non-CT input and report masks the field of view makes implausible as not found.
+    runOn - This computer, or a segmentation server.
+    serverUrl - The server's address (its API key is kept out of the scene).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -265,6 +278,8 @@ class MoMESegmentationParameterNode:
     largestComponent: bool = False
     fastMode: bool = False
     anatomyGuard: bool = True
+    runOn: RunOn = RunOn.LOCAL
+    serverUrl: str = ""
 
 
 #
@@ -278,6 +293,7 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """
 
     RECENT_PROMPTS_KEY = "MoMESegmentation/RecentPrompts"
+    SERVER_URL_KEY = "MoMESegmentation/ServerUrl"
 
     def __init__(self, parent=None) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -332,12 +348,16 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.addCheckpointButton.connect("clicked(bool)", self.onAddCheckpoint)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self.updateDeviceNote)
+        self.ui.runOnSelector.connect("currentIndexChanged(int)", self.updateRunOn)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.serverKeyEdit.text = api_key_from_env() or ""
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.show3DButton.connect("toggled(bool)", self.onShow3DToggled)
 
         self.initializeParameterNode()
         self.updateDeviceNote()
+        self.updateRunOn()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -372,6 +392,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         """Ensure parameter node exists and observed."""
         self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.serverUrl:
+            self._parameterNode.serverUrl = str(qt.QSettings().value(self.SERVER_URL_KEY) or "")
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode:
@@ -397,7 +419,7 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         busy = bool(self.logic and self.logic.busy)
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.prompts.strip())
         choice = self.logic.modelChoice(self.ui.modelSelector.currentData) if self.logic else None
-        installed = bool(choice and choice.installed)
+        installed = bool(choice and choice.installed) or self.runsOnServer()  # a server has its own model
         self.ui.segmentButton.enabled = ready and installed and not busy
         self.ui.cancelButton.enabled = busy
         if not installed:
@@ -440,6 +462,26 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateDeviceNote(self, index=None) -> None:
         self.ui.deviceNoteLabel.text = self.logic.deviceNote(self.ui.deviceSelector.currentIndex)
 
+    def runsOnServer(self) -> bool:
+        return bool(self._parameterNode and self._parameterNode.runOn == RunOn.SERVER)
+
+    def updateRunOn(self, index=None) -> None:
+        """Show the server's address and key only when running on a server; the device is the server's then."""
+        remote = self.ui.runOnSelector.currentIndex == list(RunOn).index(RunOn.SERVER)
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlEdit, self.ui.serverKeyLabel, self.ui.serverKeyEdit,
+                       self.ui.testConnectionButton, self.ui.connectionStatusLabel):
+            widget.visible = remote
+        self.ui.deviceSelector.enabled = not remote
+        self._checkCanApply()
+
+    def onTestConnection(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot test the connection."), waitCursor=True):
+            ok, message = self.logic.testConnection(self.ui.serverUrlEdit.text, self.ui.serverKeyEdit.text)
+            if ok:
+                qt.QSettings().setValue(self.SERVER_URL_KEY, self.ui.serverUrlEdit.text.strip())
+            self.ui.connectionStatusLabel.text = message
+            self.appendLog(message)
+
     def recentPrompts(self):
         value = qt.QSettings().value(self.RECENT_PROMPTS_KEY)
         if not value:
@@ -470,7 +512,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentButton(self) -> None:
         """Start a segmentation in the background."""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            if not self.logic.ensureDependencies():
+            remote = self.runsOnServer()
+            if not remote and not self.logic.ensureDependencies():  # a server needs nothing installed here
                 return
             p = self._parameterNode
             qt.QSettings().setValue(self.RECENT_PROMPTS_KEY, update_recent_prompts(self.recentPrompts(), p.prompts))
@@ -482,7 +525,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume, p.prompts, segmentationNode=p.outputSegmentation, wait=False, model=p.model,
                 device=p.device.value, roiNode=p.roi, replace=(p.segmentMode == SegmentMode.REPLACE),
                 probabilities=p.probabilities, largestComponent=p.largestComponent, fast=p.fastMode,
-                anatomyGuard=p.anatomyGuard)
+                anatomyGuard=p.anatomyGuard, server=p.serverUrl if remote else None,
+                apiKey=self.ui.serverKeyEdit.text if remote else None)
             self._pollTimer.start()
         self._checkCanApply()
 
@@ -602,6 +646,8 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         self._cards = None
         self._choices = None
         self._jobCallbacks = {}  # job id -> (onProgress, onFinished) of jobs not started by the panel
+        self._server = None  # (address, API key) of the segmentation server, or None: a worker here
+        self._workflowServer = None  # what the current workflow's client talks to
         self.scene = SlicerScene()
 
     def getParameterNode(self):
@@ -778,20 +824,44 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, env.get("PYTHONPATH", "")) if p)
         return env
 
+    def useServer(self, server=None, apiKey=None) -> None:
+        """Run the next jobs on the segmentation server at ``server`` (``None``: on this computer)."""
+        server = (server or "").strip() or None
+        if server is None:
+            self._server = None
+            return
+        self._server = (server, apiKey or None)
+
+    def testConnection(self, server, apiKey=None):
+        """``(ok, message)``: what the server at ``server`` runs, or why it cannot be used (one line)."""
+        return connection_report(server, apiKey or None)
+
     def workflow(self) -> SegmentationWorkflow:
+        """The workflow, its client a worker process here or the chosen server (see :meth:`useServer`)."""
+        if self._workflow is not None and self._workflowServer != self._server and not self._workflow.busy:
+            self._workflow.shutdown()
+            self._workflow = None
         if self._workflow is None:
-            client = WorkerClient(self.workerCommand(), env=self.workerEnvironment(), log_callback=self.log,
-                                  cwd=MODULE_LAYOUT["libraryParent"])
+            server, apiKey = self._server or (None, None)
+            try:
+                client = client_for(server, apiKey, lambda: WorkerClient(
+                    self.workerCommand(), env=self.workerEnvironment(), log_callback=self.log,
+                    cwd=MODULE_LAYOUT["libraryParent"]), log_callback=self.log)
+            except ValueError as error:  # a malformed server address
+                raise MoMEError(str(error)) from None
             self._workflow = SegmentationWorkflow(client, self.scene, on_progress=self._onProgress,
                                                   on_finished=self._onFinished)
+            self._workflowServer = self._server
         return self._workflow
 
     def segment(self, volumeNode, prompts, segmentationNode=None, wait=True, model="demo", device="auto",
                 roiNode=None, replace=False, probabilities=False, largestComponent=False, fast=False,
-                anatomyGuard=True, threads=None, timeout=None):
+                anatomyGuard=True, threads=None, timeout=None, server=None, apiKey=None):
         """Segment the structures named in ``prompts`` (comma-separated) in ``volumeNode``.
 
         :param segmentationNode: segmentation that receives the segments; ``None`` creates one.
+        :param server: address of a ``mome serve`` server to run on (its model is used; ``apiKey`` is
+            its key); ``None`` runs a worker process on this computer.
         :param anatomyGuard: refuse non-CT input; report masks the field of view makes implausible
             (a liver in a head CT) as not found, with the reason in the results table.
         :param wait: block until the job ends (then raise on failure); otherwise return at once and
@@ -805,9 +875,14 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, replace=replace,
                                       probabilities=probabilities, largest_component=largestComponent, fast=fast,
                                       anatomy_guard=anatomyGuard)
+        self.useServer(server, apiKey)
         workflow = self.workflow()
-        self.log(_("Segmenting '{prompts}' in {volume} with model {model} on {device}").format(
-            prompts=prompts, volume=volumeNode.GetName(), model=model, device=device))
+        if server:
+            self.log(_("Segmenting '{prompts}' in {volume} on the server {server}").format(
+                prompts=prompts, volume=volumeNode.GetName(), server=server))
+        else:
+            self.log(_("Segmenting '{prompts}' in {volume} with model {model} on {device}").format(
+                prompts=prompts, volume=volumeNode.GetName(), model=model, device=device))
         job = workflow.start(volumeNode, prompts, segmentationNode, options)
         if wait:
             workflow.wait(timeout=timeout, idle=slicer.app.processEvents)

@@ -42,6 +42,8 @@ from .errors import InputError
 from .worker_client import TERMINAL_EVENTS, WorkerError
 
 __all__ = [
+    "client_for",
+    "connection_report",
     "RemoteWorkerClient",
     "RemoteError",
     "normalize_server_url",
@@ -223,6 +225,31 @@ def check_connection(
         f"(server {info.get('version')}, {len(info.get('structures') or [])} structures)"
     )
     return info
+
+
+def connection_report(url: str, api_key: str | None = None, timeout: float = 10.0) -> tuple[bool, str]:
+    """``(ok, one line)`` for the panel's *Test connection*: what the server runs, or why it cannot be used."""
+    try:
+        info = check_connection(url, api_key, timeout)
+    except ValueError as error:  # a malformed address
+        return False, str(error)
+    except RemoteError as error:
+        return False, str(error)
+    warning = connection_warning(url, api_key)
+    return True, info["message"] + (f"; warning: {warning}" if warning else "")
+
+
+def client_for(server_url: str | None, api_key: str | None, local_client: Callable[[], object],
+               log_callback: Callable[[str], None] | None = None):
+    """The client a segmentation runs through: a :class:`RemoteWorkerClient` for a server address,
+    else ``local_client()`` (a :class:`~.worker_client.WorkerClient` of a local worker process).
+
+    Raises:
+        ValueError: the address is malformed (one line).
+    """
+    if server_url and server_url.strip():
+        return RemoteWorkerClient(server_url, api_key, log_callback=log_callback)
+    return local_client()
 
 
 class _RemoteJob:

@@ -651,3 +651,26 @@ def test_a_server_killed_mid_job_fails_the_job_in_one_line(served, tmp_path):
     assert "stopped answering" in job.error and "\n" not in job.error, job.error
     assert scene.segmentations == {}
     assert list((tmp_path / "jobs").iterdir()) == [], "the job's folder must be left as it was (removed)"
+
+
+# ---------------------------------------------------------------------------------------- the panel's choice
+
+
+def test_the_panel_logic_chooses_the_client_and_tests_the_connection(served):
+    """What the Slicer panel's Run on / Test connection call (MoMESegmentation.py keeps only the widgets)."""
+    from MoMESegmentationLib.remote_client import client_for, connection_report
+
+    local = object()
+    assert client_for("", KEY, lambda: local) is local
+    assert client_for(None, None, lambda: local) is local
+    remote = client_for(served["url"], KEY, lambda: local)
+    assert isinstance(remote, RemoteWorkerClient) and remote.url == served["url"]
+    with pytest.raises(ValueError):
+        client_for("ftp://gpu-box", KEY, lambda: local)
+    ok, message = connection_report(served["url"], KEY)
+    assert ok and "model" in message and "cpu" in message, message
+    for url, key, expected in ((served["url"], "wrong-key", "refused the API key"),
+                               ("ftp://gpu-box", KEY, "http:// or https://"),
+                               ("http://127.0.0.1:9", KEY, "cannot reach")):
+        ok, message = connection_report(url, key, timeout=5)
+        assert not ok and expected in message and "\n" not in message, message
