@@ -350,6 +350,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self.updateDeviceNote)
         self.ui.runOnSelector.connect("currentIndexChanged(int)", self.updateRunOn)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.serverUrlEdit.connect("editingFinished()", self.updateRunOn)
+        self.ui.serverKeyEdit.connect("editingFinished()", self.updateRunOn)
         self.ui.serverKeyEdit.text = api_key_from_env() or ""
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
@@ -472,6 +474,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.testConnectionButton, self.ui.connectionStatusLabel):
             widget.visible = remote
         self.ui.deviceSelector.enabled = not remote
+        if self.logic and not self.logic.busy:  # the Segment Editor effect runs where the panel does
+            self.logic.useServer(self.ui.serverUrlEdit.text if remote else None, self.ui.serverKeyEdit.text)
         self._checkCanApply()
 
     def onTestConnection(self) -> None:
@@ -718,7 +722,12 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         return missing_requirements(MODULE_REQUIREMENTS)
 
     def ensureDependencies(self, askConfirmation=True) -> bool:
-        """Install missing Python packages after asking; returns False if the user declined."""
+        """Install missing Python packages after asking; returns False if the user declined.
+
+        Nothing is needed when jobs run on a server (:meth:`useServer`).
+        """
+        if self._server is not None:
+            return True
         missing = self.missingDependencies()
         if not missing:
             return True
