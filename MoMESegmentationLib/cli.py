@@ -107,6 +107,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .outputs import check_output, write_result
     from .worker_client import WorkerError
 
+    if args.batch:  # a folder, sharded across torchrun's processes (MoMESegmentationLib/batch.py)
+        if args.inputs or args.server:
+            raise InputError("--batch FOLDER takes no other inputs and runs here (no --server)")
+        from .batch import run_batch
+
+        return run_batch(args)
+    if not args.inputs:
+        raise InputError("give the images to segment, or --batch FOLDER")
     inputs = [Path(p) for p in args.inputs]
     out = Path(args.output)
     batch = len(inputs) > 1 or out.is_dir() or str(args.output).endswith(("/", "\\"))
@@ -376,7 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     segment = sub.add_parser("segment", help="segment CT volumes from text prompts")
-    segment.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder")
+    segment.add_argument("inputs", nargs="*", metavar="INPUT", help="image file or DICOM folder")
+    segment.add_argument("--batch", default=None, metavar="FOLDER",
+                         help="segment every image and DICOM folder in FOLDER into the folder -o; under "
+                              "torchrun the cases are shared across processes (one GPU each); a manifest "
+                              "records done and failed cases, and a rerun resumes")
     segment.add_argument("--prompt", "-p", required=True, help='e.g. "liver, spleen, left kidney"')
     segment.add_argument("-o", "--output", required=True,
                          help="output .nii.gz/.nrrd/.seg.nrrd file, or a folder for several inputs")

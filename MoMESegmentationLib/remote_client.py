@@ -228,7 +228,7 @@ def check_connection(
 
 
 def connection_report(url: str, api_key: str | None = None, timeout: float = 10.0) -> tuple[bool, str]:
-    """``(ok, one line)`` for the panel's *Test connection*: what the server runs, or why it cannot be used."""
+    """``(ok, one line)`` for the panel's *Test connection*: what the server runs, or why not."""
     try:
         info = check_connection(url, api_key, timeout)
     except ValueError as error:  # a malformed address

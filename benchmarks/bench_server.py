@@ -58,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    report: dict = {"machine": platform.node(), "torch": torch.__version__, "device": str(segmenter.device),
-                    "threads": torch.get_num_threads(), "model": args.model, "fast": args.fast}
+    report: dict = {
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "device": str(segmenter.device),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "fast": args.fast,
+    }
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         source = folder / "ct.nrrd"  # as Slicer exports it: a raw NRRD
@@ -70,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         steps = {}
         for name, prompts in (("remote_first", args.prompts), ("remote_new_prompt", args.new_prompt)):
             started = time.perf_counter()
-            client.send({"cmd": "segment", "id": name, "input": str(source), "prompts": prompts,
-                         "output": str(folder / f"{name}.seg.nrrd"), "options": {"fast": args.fast}})
+            client.send(
+                {
+                    "cmd": "segment",
+                    "id": name,
+                    "input": str(source),
+                    "prompts": prompts,
+                    "output": str(folder / f"{name}.seg.nrrd"),
+                    "options": {"fast": args.fast},
+                }
+            )
             uploaded = None
             while True:
                 event = client.wait_event(lambda e, n=name: e.get("id") == n, timeout=3600)
@@ -81,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                     break
             if event["event"] != "done":
                 raise SystemExit(f"{name}: {event}")
-            steps[name] = {"seconds": round(time.perf_counter() - started, 3),
-                           "until_server_started_s": round(uploaded or 0.0, 3),
-                           "feature_windows": event["summary"]["feature_windows"],
-                           "server_timings_s": event["summary"]["timings_s"]}
+            steps[name] = {
+                "seconds": round(time.perf_counter() - started, 3),
+                "until_server_started_s": round(uploaded or 0.0, 3),
+                "feature_windows": event["summary"]["feature_windows"],
+                "server_timings_s": event["summary"]["timings_s"],
+            }
         client.stop()
         identical = True
         for name, prompts in (("local_first", args.prompts), ("local_new_prompt", args.new_prompt)):
@@ -93,9 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             result = segmenter.segment(read_volume(source), prompts, fast=args.fast)
             write_result(result, folder / f"{name}.seg.nrrd", result.summary(str(source)))
             steps[name] = {"seconds": round(time.perf_counter() - started, 3)}
-            remote = {s.name: np.asarray(s.mask) for s in read_segmentation(
-                folder / f"{name.replace('local', 'remote')}.seg.nrrd").segments}
-            local = {s.name: np.asarray(s.mask) for s in read_segmentation(folder / f"{name}.seg.nrrd").segments}
+            remote = {
+                s.name: np.asarray(s.mask)
+                for s in read_segmentation(folder / f"{name.replace('local', 'remote')}.seg.nrrd").segments
+            }
+            local = {
+                s.name: np.asarray(s.mask) for s in read_segmentation(folder / f"{name}.seg.nrrd").segments
+            }
             same = sorted(remote) == sorted(local) and all(np.array_equal(remote[k], local[k]) for k in local)
             steps[name]["segments"] = len(local)
             steps[name]["identical_to_remote"] = same
