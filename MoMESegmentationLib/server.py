@@ -29,6 +29,7 @@ job: expired or never made), 413 (upload, decompressed image or voxel count over
 """
 
 import argparse
+import asyncio
 import collections
 import dataclasses
 import gzip
@@ -943,10 +944,15 @@ def create_app(
         dependencies=[Depends(require_key)],
         summary="Events after sequence number 'since', waiting up to 'wait' seconds for one",
     )
-    def job_events(job_id: str, since: int = Query(0, ge=0), wait: float = Query(0.0, ge=0.0)) -> dict:
+    async def job_events(job_id: str, since: int = Query(0, ge=0), wait: float = Query(0.0, ge=0.0)) -> dict:
+        # a long poll on the event loop (checked every 50 ms), so that waiting clients hold no threads
         job = service.job(job_id)
-        events = job.events_since(since, min(wait, MAX_WAIT_S))
-        return {"events": events, "state": job.state}
+        deadline = time.monotonic() + min(wait, MAX_WAIT_S)
+        while True:
+            events = job.events_since(since, 0.0)
+            if events or job.terminal or time.monotonic() >= deadline:
+                return {"events": events, "state": job.state}
+            await asyncio.sleep(0.05)
 
     @app.post(
         "/v1/jobs/{job_id}/cancel",
