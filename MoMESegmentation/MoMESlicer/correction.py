@@ -37,14 +37,11 @@ from MoMESegmentationLib.errors import InputError, MoMEError, PromptError
 from MoMESegmentationLib.outputs import probabilities_dir
 from MoMESegmentationLib.slicer_workflow import Job, SegmentationOptions, SegmentationWorkflow
 
+from .scene import SlicerScene, style_probability_volume
 from .segment_editor import SegmentEditorParts, apply_structure
 
 logger = logging.getLogger(__name__)
 
-#: Colour table of probability overlays (a procedural table every Slicer has), as for the panel's maps.
-PROBABILITY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
-#: Attribute that marks a probability volume and names the structure (shared with the panel's maps).
-PROBABILITY_ATTRIBUTE = "MoME.ProbabilityOf"
 #: Columns of the review table (:meth:`SegmentReview.rows`).
 REVIEW_HEADERS = ("#", "Kind", "Volume (mL)", "Mean p", "Location", "Decision")
 
@@ -387,15 +384,10 @@ def show_probability(result: StructureProbability, volume_node: Any, node: Any =
     if node is None or not scene.IsNodePresent(node):
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                        scene.GenerateUniqueName(f"{result.name} probability"))
-        node.SetAttribute(PROBABILITY_ATTRIBUTE, result.name)
     slicer.util.updateVolumeFromArray(node, result.probability)
     node.CopyOrientation(volume_node)
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    node.CreateDefaultDisplayNodes()
+    style_probability_volume(node, volume_node, result.name)
     display = node.GetDisplayNode()
-    display.SetAndObserveColorNodeID(PROBABILITY_COLOR_NODE_ID)
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(0.0, 1.0)
     display.SetApplyThreshold(True)
     display.SetLowerThreshold(0.05)  # near-zero probability stays see-through
     display.SetUpperThreshold(1.0)
@@ -453,21 +445,11 @@ def export_for_training(volume_node: Any, segmentation_node: Any, dataset_dir: s
     with tempfile.TemporaryDirectory(prefix="mome-export-") as folder:
         image_path = Path(folder) / "image.nrrd"
         label_path = Path(folder) / "label.seg.nrrd"
-        _write_node(scene, volume_node, image_path, "vtkMRMLVolumeArchetypeStorageNode")
+        SlicerScene(scene).export_volume(volume_node, image_path)
         _write_segmentation(scene, segmentation_node, label_path)
         case_id = case_id or re.sub(r"[^A-Za-z0-9._-]+", "_", volume_node.GetName()).strip("._-") or "case"
         return corrections.add_correction_case(dataset_dir, image_path, label_path, labels, case_id=case_id,
                                                overwrite=overwrite, model=model)
-
-
-def _write_node(scene: Any, node: Any, path: Path, storage_class: str) -> None:
-    storage = scene.AddNewNodeByClass(storage_class)
-    try:
-        storage.SetFileName(str(path))
-        if not storage.WriteData(node):
-            raise MoMEError(f"could not write {node.GetName()} to {path}")
-    finally:
-        scene.RemoveNode(storage)
 
 
 def _write_segmentation(scene: Any, segmentation_node: Any, path: Path) -> None:

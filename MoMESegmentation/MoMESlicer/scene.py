@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Colour table of the probability-map volumes (a procedural table every Slicer has).
 PROBABILITY_COLOR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+#: Attribute that marks a probability volume and names its structure.
+PROBABILITY_ATTRIBUTE = "MoME.ProbabilityOf"
 
 
 @dataclass(frozen=True)
@@ -222,13 +224,7 @@ class SlicerScene:
             segment_name = names.get(entry.get("id")) or entry.get("name") or structure_id
             node = self._read_volume(path, self.scene.GenerateUniqueName(f"{segment_name} probability"))
             nodes.append(node)
-            node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(PROBABILITY_COLOR_NODE_ID)
-            display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(0.0, 1.0)
-            node.SetAttribute("MoME.ProbabilityOf", segment_name)
+            style_probability_volume(node, volume_node, segment_name)
         return nodes
 
     def _read_volume(self, path: Path, name: str) -> Any:
@@ -279,6 +275,17 @@ class SlicerScene:
                 if segmentation.GetSegment(segment_id) is not None:
                     segmentation.RemoveSegment(segment_id)
         logger.debug("import rolled back to %d nodes", len(before.node_ids))
+
+
+def style_probability_volume(node: Any, volume_node: Any, structure_name: str) -> None:
+    """Show a probability volume as Slicer shows PET: heat colours from 0 to 1, under the volume's transform."""
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(PROBABILITY_COLOR_NODE_ID)
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    node.SetAttribute(PROBABILITY_ATTRIBUTE, structure_name)
 
 
 def segmentation_layers(segmentation_node: Any) -> tuple[int, int]:

@@ -60,3 +60,14 @@ def core():
     if reason:
         pytest.skip(reason)
     return slicer_core.start()
+
+
+@pytest.fixture(scope="module")
+def worker_client():
+    """The real worker process (``mome worker``), one per test module; stopped at the module's end."""
+    from MoMESegmentationLib.worker_client import WorkerClient
+
+    client = WorkerClient([sys.executable, "-m", "MoMESegmentationLib.cli", "worker"], cwd=str(REPO_ROOT),
+                          startup_timeout=300)
+    yield client
+    client.stop()

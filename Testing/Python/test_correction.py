@@ -9,7 +9,6 @@ computed with numpy from the arrays built here and read back with ``slicer.util`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +28,6 @@ def scene(core):
     core.clear()
     yield core.scene
     core.clear()
-
-
-@pytest.fixture(scope="module")
-def worker_client():
-    from MoMESegmentationLib.worker_client import WorkerClient
-
-    client = WorkerClient([sys.executable, "-m", "MoMESegmentationLib.cli", "worker"], cwd=str(REPO),
-                          startup_timeout=300)
-    yield client
-    client.stop()
 
 
 def load_ct(scene, name="CT"):
@@ -234,7 +223,8 @@ def test_probability_overlay_on_the_volume_grid(scene, liver_and_spleen):
     import slicer
     import vtk
 
-    from MoMESlicer.correction import PROBABILITY_COLOR_NODE_ID, show_probability
+    from MoMESlicer.correction import show_probability
+    from MoMESlicer.scene import PROBABILITY_COLOR_NODE_ID
 
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     volume = load_ct(scene)

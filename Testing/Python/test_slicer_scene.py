@@ -43,16 +43,6 @@ def scene(core):
     core.clear()
 
 
-@pytest.fixture(scope="module")
-def worker_client():
-    from MoMESegmentationLib.worker_client import WorkerClient
-
-    client = WorkerClient([sys.executable, "-m", "MoMESegmentationLib.cli", "worker"], cwd=str(REPO),
-                          startup_timeout=300)
-    yield client
-    client.stop()
-
-
 def workflow_for(scene, client, tmp_path):
     from MoMESegmentationLib.slicer_workflow import SegmentationWorkflow
 
