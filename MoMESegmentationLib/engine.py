@@ -48,6 +48,8 @@ __all__ = [
     "UNCERTAIN_LOW",
     "UNCERTAIN_HIGH",
     "resolve_device",
+    "resolve_precision",
+    "PRECISIONS",
     "check_ct_like",
 ]
 
@@ -71,6 +73,21 @@ UNCERTAIN_HIGH = 0.7
 #: with (+-20 %): on the bundled CT the demo weights take 13 s instead of 48 s on 2 CPU cores at 1.2x
 #: with the same mean Dice (0.83), while 1.5x (6 s) loses the left kidney (Dice 0.01).
 FAST_SPACING_FACTOR = 1.2
+
+#: Arithmetic of the network (``Segmenter(precision=...)``, or ``$MOME_PRECISION``):
+#:
+#: * ``"auto"``: bfloat16 autocast on a CUDA GPU that has it (else float16), and on a CPU with native
+#:   bfloat16 instructions (AVX512-BF16 or AMX); float32 on other CPUs;
+#: * ``"fp32"``: float32 throughout;
+#: * ``"bf16"``: bfloat16 autocast (CPU or GPU), image features cached in bfloat16;
+#: * ``"fp16"``: float16 autocast (GPU only).
+#:
+#: On the bundled CT with the demo weights, bf16 masks agree with float32 ones to a Dice of at least
+#: 0.99 per structure (``Testing/Python/test_fast_paths.py``). On the 2-core AMD EPYC (AVX512-BF16)
+#: build machine bf16 encodes a window 1.18x faster than float32 and halves the feature cache; int8
+#: dynamic quantisation of the Swin linear layers was no faster and is not offered
+#: (``benchmarks/RESULTS.md``).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class CancelToken:
@@ -105,6 +122,32 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise MoMEError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) found")
     return resolved
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The arithmetic a run on ``device`` uses: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :data:`PRECISIONS`)."""
+    import os
+
+    wanted = str(precision or os.environ.get("MOME_PRECISION") or "auto").strip().lower()
+    if wanted not in PRECISIONS:
+        raise MoMEError(f"precision '{precision}' not understood: use one of {', '.join(PRECISIONS)}")
+    if wanted == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if wanted == "fp16" and device.type != "cuda":
+        raise MoMEError("precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    return wanted
 
 
 def _intensity_problem(volume: Volume) -> tuple[bool, str] | None:
@@ -304,6 +347,8 @@ class Segmenter:
         overlap: sliding-window overlap; ``None`` uses the checkpoint's setting.
         cache_features: keep the last volume's image features for fast new prompts.
         store: folder of downloaded/imported models (default ``~/.mome/models``).
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:data:`PRECISIONS`); ``None``
+            reads ``$MOME_PRECISION``, else ``"auto"``.
     """
 
     def __init__(
@@ -317,6 +362,7 @@ class Segmenter:
         cache_features: bool = True,
         store: Path | None = None,
         vocabulary=None,
+        precision: str | None = None,
     ) -> None:
         from .checkpoint import load_checkpoint
         from .registry import resolve_model
@@ -324,6 +370,7 @@ class Segmenter:
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model_name = str(model or "demo")
         self.checkpoint_path = resolve_model(model, store)
         loaded = load_checkpoint(self.checkpoint_path, device=self.device)
@@ -391,6 +438,7 @@ class Segmenter:
             "structures": len(self.structures),
             "free_text": self.free_text,
             "device": str(self.device),
+            "precision": self.precision,
         }
 
     def _nearest_known(self, text: str) -> tuple[str, float]:
@@ -475,7 +523,8 @@ class Segmenter:
         tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
         digest = hashlib.blake2b(tensor.numpy().tobytes(), digest_size=16)
         # Features depend on the masking of padded voxels too (model.masked_norm).
-        digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path), self.mask_padding)).encode())
+        digest.update(repr((tensor.shape, spacing, str(self.checkpoint_path), self.mask_padding,
+                            self.precision)).encode())
         return Preprocessed(tensor, canonical_record, resample_record, tuple(hu.shape), body_box,
                             digest.hexdigest(), padding)
 
@@ -492,10 +541,10 @@ class Segmenter:
         return int(max(1, min(8, (0.5 * free) // per_window)))
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, enabled=False)
 
     @torch.inference_mode()
     def predict_logits(
