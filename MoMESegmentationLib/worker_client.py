@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["WorkerClient", "WorkerError", "default_threads", "CANCEL_TIMEOUT_S"]
+__all__ = ["WorkerClient", "WorkerError", "default_threads", "worker_environment", "CANCEL_TIMEOUT_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,23 @@ CANCEL_TIMEOUT_S = 1.0
 
 #: Events that end a job.
 TERMINAL_EVENTS = ("done", "cancelled", "error")
+
+
+#: Set in the worker's environment unless the caller's environment sets them. With OpenMP's
+#: default (active) waiting, torch's threads spin between parallel regions; when another busy
+#: process shares the cores (the application drawing, another job) each spin steals its time
+#: slice, and on the 2-core build machine 2 threads then encoded a window 1.7-2.5x slower than 1
+#: thread. Passive waiting made 2 threads as fast as 1 in that case and cost nothing on an idle
+#: machine (``benchmarks/RESULTS.md``, CPU inference paths).
+WORKER_ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: ``env`` (``None``: this process's) plus :data:`WORKER_ENVIRONMENT_DEFAULTS`."""
+    out = dict(os.environ if env is None else env)
+    for name, value in WORKER_ENVIRONMENT_DEFAULTS.items():
+        out.setdefault(name, value)
+    return out
 
 
 class WorkerError(RuntimeError):
@@ -62,7 +79,8 @@ class WorkerClient:
 
     Args:
         command: the worker's command line, e.g. ``[PythonSlicer, "-m", "MoMESegmentationLib.cli", "worker"]``.
-        env: the child's environment (``None``: inherit this process's).
+        env: the child's environment (``None``: inherit this process's); either way
+            :func:`worker_environment` adds the OpenMP settings it does not set.
         log_callback: called with each stderr line (and each stray non-JSON stdout line) during
             :meth:`poll_events` / :meth:`wait_event`, on the caller's thread.
         cwd: the child's working directory.
@@ -126,7 +144,8 @@ class WorkerClient:
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group,
+                env=worker_environment(self.env), cwd=self.cwd, text=True, encoding="utf-8", errors="replace",
+                bufsize=1, **group,
             )
         except OSError as error:
             self._process = None

@@ -27,7 +27,12 @@ from MoMESegmentationLib.slicer_workflow import (  # noqa: E402
     lps_geometry_from_ijk_to_ras,
     read_nrrd_geometry,
 )
-from MoMESegmentationLib.worker_client import WorkerClient, WorkerError, default_threads  # noqa: E402
+from MoMESegmentationLib.worker_client import (  # noqa: E402
+    WorkerClient,
+    WorkerError,
+    default_threads,
+    worker_environment,
+)
 
 FAKE_WORKER = Path(__file__).resolve().with_name("fake_worker.py")
 
@@ -136,6 +141,23 @@ class WorkerClientTest(unittest.TestCase):
         self.assertEqual(default_threads("cpu", cpu_count=16), 14)
         self.assertEqual(default_threads("auto", cpu_count=2), 1)
         self.assertIsNone(default_threads("cuda:0", cpu_count=16))
+
+    def test_worker_threads_wait_passively_unless_told_otherwise(self):
+        self.assertEqual(worker_environment({"A": "1"}), {"A": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+        self.assertEqual(worker_environment({"OMP_WAIT_POLICY": "active"})["OMP_WAIT_POLICY"], "active")
+        # The process really gets it, also when the client inherits this process's environment.
+        script = ("import json, os; print(json.dumps({'event': 'ready', 'version': 'env', "
+                  "'omp': os.environ.get('OMP_WAIT_POLICY'), 'path': os.environ.get('PATH')}), flush=True)")
+        for env in (None, {"PATH": "/custom"}):
+            client = WorkerClient([sys.executable, "-c", script], env=env)
+            try:
+                client.start()
+                event = client.wait_event(lambda e: e.get("event") == "ready", timeout=30)
+            finally:
+                client.kill()
+            self.assertIsNotNone(event)
+            self.assertEqual(event["omp"], os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if env is None else "PASSIVE")
+            self.assertEqual(event["path"], os.environ.get("PATH") if env is None else "/custom")
 
     def test_lifecycle_reuse_and_restart(self):
         client = self.client()
