@@ -42,11 +42,11 @@ TERMINAL_EVENTS = ("done", "cancelled", "error")
 
 
 #: Set in the worker's environment unless the caller's environment sets them. With OpenMP's
-#: default (active) waiting, torch's threads spin between parallel regions; when another busy
-#: process shares the cores (the application drawing, another job) each spin steals its time
-#: slice, and on the 2-core build machine 2 threads then encoded a window 1.7-2.5x slower than 1
-#: thread. Passive waiting made 2 threads as fast as 1 in that case and cost nothing on an idle
-#: machine (``benchmarks/RESULTS.md``, CPU inference paths).
+#: default (active) waiting, torch's threads spin between parallel regions; when other processes
+#: keep the cores busy (the application drawing, another job) the spinning steals their time
+#: slices. On the 2-core build machine 2 threads then encoded a window 1.1-2.3x slower than with
+#: passive waiting, often slower than 1 thread; on an idle machine passive waiting cost nothing
+#: measurable (``benchmarks/RESULTS.md``, CPU inference paths).
 WORKER_ENVIRONMENT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
