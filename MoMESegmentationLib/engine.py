@@ -84,9 +84,9 @@ FAST_SPACING_FACTOR = 1.2
 #:
 #: On the bundled CT with the demo weights, bf16 masks agree with float32 ones to a Dice of at least
 #: 0.99 per structure (``Testing/Python/test_fast_paths.py``). On the 2-core AMD EPYC (AVX512-BF16)
-#: build machine bf16 encodes a window 1.18x faster than float32 and halves the feature cache; int8
-#: dynamic quantisation of the Swin linear layers was no faster and is not offered
-#: (``benchmarks/RESULTS.md``).
+#: build machine bf16 runs the demo 1.17x faster than float32 (a window's encode 1.34x) and halves
+#: the feature cache; int8 dynamic quantisation of the Swin linear layers was no faster and is not
+#: offered (``benchmarks/RESULTS.md``, CPU inference paths).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
