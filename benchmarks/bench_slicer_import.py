@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MoMESegmentation"))  # MoMESlicer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MoMESegmentationLib import slicer_core  # noqa: E402
+from MoMESlicer import slicer_core  # noqa: E402
 from MoMESegmentationLib.data.sample import load_sample_ct, sample_ct_path  # noqa: E402
 from MoMESegmentationLib.io.segmentation import Segment, Segmentation, write_segmentation  # noqa: E402
 

@@ -35,7 +35,7 @@ for folder in (REPO_ROOT / "MoMESegmentation", REPO_ROOT, REPO_ROOT / "scripts")
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from MoMESegmentationLib import slicer_core  # noqa: E402
+from MoMESlicer import slicer_core  # noqa: E402
 
 DEFAULT_CT = REPO_ROOT / "Resources" / "SampleData" / "example_ct.nii.gz"
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "images" / "slicer_correction.png"

@@ -3,7 +3,7 @@
 The bundled CT (``Resources/SampleData/example_ct.nii.gz``) is segmented with the bundled demo
 weights (``mome segment ... --fast``, written as a Slicer ``.seg.nrrd``), or an existing result is
 taken with ``--segmentation``. Both files are then read by Slicer's own storage nodes into a scene
-of Slicer's MRML core (``slicer-core`` from PyPI, no Qt; see ``MoMESegmentationLib/slicer_core.py``)
+of Slicer's MRML core (``slicer-core`` from PyPI, no Qt; see ``MoMESegmentation/MoMESlicer/slicer_core.py``)
 and drawn by Slicer's slice logic and displayable managers (``MoMESegmentation/MoMESlicer/render.py``):
 
 * ``slicer_axial.png``   -- the Red slice view, axial, through the level that cuts the most segments;
@@ -37,7 +37,7 @@ for folder in (REPO_ROOT / "MoMESegmentation", REPO_ROOT):  # MoMESlicer, then t
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from MoMESegmentationLib import slicer_core  # noqa: E402
+from MoMESlicer import slicer_core  # noqa: E402
 
 DEFAULT_CT = REPO_ROOT / "Resources" / "SampleData" / "example_ct.nii.gz"
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "docs" / "images"

@@ -7,7 +7,7 @@ window with the 3D displayable managers and a ``vtkMRMLViewLogic``. What the Qt 
 top and the pictures need (the actor that shows the slice logic's image, the window size, the 3D
 background) is added by the classes below; everything else is Slicer's own rendering code.
 
-Needs ``slicer-core`` (see :mod:`MoMESegmentationLib.slicer_core`) and a VTK that can render
+Needs ``slicer-core`` (see :mod:`MoMESlicer.slicer_core`) and a VTK that can render
 offscreen (EGL or OSMesa). Nothing here imports ``slicer`` until a function is called.
 
     core = slicer_core.start()

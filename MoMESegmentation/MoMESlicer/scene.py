@@ -5,7 +5,7 @@ inside 3D Slicer: it checks the input volume, writes it for the worker with its 
 turns an ROI into a box on the volume's grid, and copies the worker's result into a segmentation
 node (names, colours, terminology, probability maps). It uses only MRML and VTK, so the same code
 runs inside Slicer and, in the tests, on Slicer's core from PyPI (``slicer-core``, see
-:mod:`MoMESegmentationLib.slicer_core`).
+:mod:`MoMESlicer.slicer_core`).
 
 The scene changes only when an import succeeds: on any error every node and segment it added is
 removed again, so node IDs and segment IDs are as before.

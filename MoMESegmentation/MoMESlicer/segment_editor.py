@@ -7,7 +7,7 @@ the editable area (``SetMaskMode``), the editable intensity range (``SetSourceVo
 and the overwrite mode (``SetOverwriteMode``); and Undo / Redo restore the segmentation.
 
 Imports ``slicer`` and ``vtk``: it runs inside 3D Slicer, or on the headless ``slicer-core`` from
-PyPI (see :mod:`MoMESegmentationLib.slicer_core`). Nothing here needs Qt.
+PyPI (see :mod:`MoMESlicer.slicer_core`). Nothing here needs Qt.
 
 How Slicer 5.12's logic treats the modifier labelmap (read from ``vtkSlicerSegmentEditorLogic.cxx``
 and checked by the tests):

@@ -54,7 +54,7 @@ def core():
     Skips, naming the reason, where slicer-core is not installed. Tests that add nodes clear the
     scene afterwards (``core.clear()``).
     """
-    from MoMESegmentationLib import slicer_core
+    from MoMESlicer import slicer_core
 
     reason = slicer_core.available()
     if reason:

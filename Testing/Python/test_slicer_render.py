@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MoMESegmentationLib import slicer_core
+from MoMESlicer import slicer_core
 
 REASON = slicer_core.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

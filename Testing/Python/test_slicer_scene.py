@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MoMESegmentationLib import slicer_core
+from MoMESlicer import slicer_core
 
 REASON = slicer_core.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
