@@ -2,7 +2,8 @@
 
 Subcommands: ``demo``, ``segment``, ``evaluate``, ``models`` (list, ``download``, ``install``),
 ``info``, ``worker``, ``serve`` (an HTTP server for clients without a GPU), ``review`` (where a model
-and an existing label disagree), ``corrections`` (corrected segmentations as training data), and, when
+and an existing label disagree), ``corrections`` (corrected segmentations as training data), ``web``
+(the browser app, with the ``web`` extra), and, when
 their modules are present, ``train`` and ``import``. A user mistake
 prints one line starting with ``mome: error:`` and exits with status 2; nothing is left half-written.
 """
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="JSON-lines worker for the Slicer module (stdin/stdout)")
     worker.set_defaults(handler=cmd_worker)
 
-    for module_name in ("training.cli", "importers.cli", "review", "corrections", "server"):
+    for module_name in ("training.cli", "importers.cli", "review", "corrections", "server", "web.cli"):
         try:
             module = __import__(f"{__package__}.{module_name}", fromlist=["register"])
         except ImportError as error:
