@@ -205,6 +205,7 @@ def _segment_case(
             largest_component=args.largest_component,
             fast=args.fast,
             anatomy_guard=args.anatomy_guard,
+            explain=getattr(args, "explain", False),
         )
         write_result(result, target, result.summary(str(case)), probabilities=args.probabilities)
         record.update(status="done", found=[s.id for s in result.structures if s.found])

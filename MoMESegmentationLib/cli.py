@@ -47,14 +47,16 @@ class _ProgressBar:
         self._bar.close()
 
 
-def _print_table(structures, dice: dict[str, float] | None = None, stream=None) -> None:
+def _print_table(structures, dice: dict[str, float] | None = None, stream=None, routing=None) -> None:
     """One row per structure, with the volume where the model is unsure (probability between 0.3 and
-    0.7), found or not."""
+    0.7), found or not; with ``routing`` (``--explain``) the expert that dominates inside the mask."""
     stream = sys.stdout if stream is None else stream  # the current stdout, not the one at import
     header = (f"{'#':>3}  {'structure':<26} {'match':<24} {'found':<5} {'volume mL':>10} {'mean p':>7} "
               f"{'uncertain mL':>12}")
     if dice is not None:
         header += f" {'Dice':>6}"
+    if routing is not None:
+        header += f"  {'dominant expert':<22}"
     print(header, file=stream)
     print("-" * len(header), file=stream)
     for s in structures:
@@ -63,6 +65,9 @@ def _print_table(structures, dice: dict[str, float] | None = None, stream=None) 
         if dice is not None:
             value = dice.get(s.id or "")
             row += f" {value:>6.3f}" if value is not None else f" {'-':>6}"
+        if routing is not None:
+            entry = routing.get(s.label) or {}
+            row += f"  {(entry.get('dominant') or '-')[:22]:<22}"
         if not s.found and s.note:
             row += f"  [{s.rule}] {s.note}"
         print(row, file=stream)
@@ -133,7 +138,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.server:  # on a `mome serve` server: same outputs, written atomically here
         from .remote_client import api_key_from_env, segment_on_server
 
-        options = {"roi": roi, "probabilities": args.probabilities, "fast": args.fast,
+        options = {"roi": roi, "probabilities": args.probabilities, "fast": args.fast, "explain": args.explain,
                    "largest_component": args.largest_component, "anatomy_guard": args.anatomy_guard}
         try:
             segment_on_server(args.server, args.api_key or api_key_from_env(), inputs, outputs, args.prompt,
@@ -149,17 +154,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             result = segmenter.segment(volume, args.prompt, roi=roi, probabilities=args.probabilities,
                                        largest_component=args.largest_component, fast=args.fast,
-                                       anatomy_guard=args.anatomy_guard, progress=bar)
+                                       anatomy_guard=args.anatomy_guard, explain=args.explain, progress=bar)
         finally:
             bar.close()
         write_result(result, target, result.summary(str(path)), probabilities=args.probabilities)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{path} -> {target}")
+        explanation = result.explanation
+        if explanation is not None and not explanation.has_maps:
+            print(f"explain: {explanation.note}", file=sys.stderr)
         if not args.quiet:
             if result.coverage is not None:
                 print(result.coverage["description"])
-            _print_table(result.structures)
+            _print_table(result.structures, routing=None if explanation is None or not explanation.has_maps
+                         else explanation.routing_json())
     return 0
 
 
@@ -397,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="file type of batch outputs (default .nii.gz)")
     segment.add_argument("--roi", default=None, help="x0,y0,z0,x1,y1,z1 in LPS mm, or a JSON file")
     segment.add_argument("--probabilities", action="store_true", help="also write probability maps")
+    segment.add_argument("--explain", action="store_true",
+                         help="also write the router's maps per structure (dominant expert, entropy) into "
+                              "<output>_experts/ and each expert's mean gate inside and at the border of each "
+                              "structure into the JSON summary")
     segment.add_argument("--largest-component", action="store_true", help="keep each structure's largest part")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--no-anatomy-guard", dest="anatomy_guard", action="store_false",

