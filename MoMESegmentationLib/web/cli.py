@@ -41,6 +41,7 @@ def check_bind(host: str, key: str | None) -> None:
     """Only this computer may reach a server without an access key, and a key must be long enough."""
     from ..server import is_loopback
 
+    key = key or None
     if key is not None and len(key) < 16:
         raise InputError("the access key is shorter than 16 characters; make one with: python -c "
                          '"import secrets; print(secrets.token_urlsafe(32))"')

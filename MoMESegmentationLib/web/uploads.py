@@ -155,14 +155,16 @@ def prepare_scan(path: str | os.PathLike, work_dir: str | os.PathLike, limits: U
 
 
 def _rename(message: str, temporary: str, display: str) -> str:
+    """The reader's message about the server's temporary file, told with the name the user knows."""
     message = message.strip().splitlines()[0] if message.strip() else "not a readable scan"
-    if message.startswith(temporary):
+    if message.startswith(temporary + ":"):
         message = display + message[len(temporary):]
-    elif temporary in message:
-        message = message.replace(temporary, display)
     else:
         message = f"{display}: {message}"
-    return message
+    # the temporary path may also appear inside (a library's own message): no server paths in the page
+    head, _, rest = message.partition(": ")
+    rest = rest.replace(temporary, display).replace(Path(temporary).name, display)
+    return f"{head}: {rest}"
 
 
 def server_scans(folder: str | os.PathLike | None) -> list[Path]:
