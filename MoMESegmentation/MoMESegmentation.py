@@ -261,6 +261,8 @@ class MoMESegmentationParameterNode:
     segmentMode - Add to or replace existing segments with the same name.
     probabilities - Also compute per-structure probability maps.
     largestComponent - Keep only the largest connected component of each structure.
+    showExperts - Also compute the router's maps and show, for the structure selected in the results
+        table, which expert (decoder scale) each voxel trusted.
     fastMode - 1.2x coarser grid: about 3x quicker on a CPU.
     anatomyGuard - Refuse non-CT input and report masks the field of view makes implausible as not found.
     runOn - This computer, or a segmentation server.
@@ -276,6 +278,7 @@ class MoMESegmentationParameterNode:
     segmentMode: SegmentMode = SegmentMode.ADD
     probabilities: bool = False
     largestComponent: bool = False
+    showExperts: bool = False
     fastMode: bool = False
     anatomyGuard: bool = True
     runOn: RunOn = RunOn.LOCAL
@@ -356,6 +359,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.show3DButton.connect("toggled(bool)", self.onShow3DToggled)
+        self.ui.resultsTable.connect("itemSelectionChanged()", self.onResultSelected)
+        self.ui.resultsTable.setColumnHidden(ResultRow.EXPLAIN_COLUMN, True)
 
         self.initializeParameterNode()
         self.updateDeviceNote()
@@ -388,6 +393,8 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
+        self.logic.scene.experts.forget()
+        self.ui.resultsTable.setRowCount(0)
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -529,7 +536,7 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume, p.prompts, segmentationNode=p.outputSegmentation, wait=False, model=p.model,
                 device=p.device.value, roiNode=p.roi, replace=(p.segmentMode == SegmentMode.REPLACE),
                 probabilities=p.probabilities, largestComponent=p.largestComponent, fast=p.fastMode,
-                anatomyGuard=p.anatomyGuard, server=p.serverUrl if remote else None,
+                anatomyGuard=p.anatomyGuard, explain=p.showExperts, server=p.serverUrl if remote else None,
                 apiKey=self.ui.serverKeyEdit.text if remote else None)
             self._pollTimer.start()
         self._checkCanApply()
@@ -592,9 +599,10 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.state == JobState.DONE:
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=job.elapsed_s)
-            self.showResults(job.summary)
             if self._parameterNode and not self._parameterNode.outputSegmentation:
                 self._parameterNode.outputSegmentation = job.result_ref
+            self._shownResult = (job.result_ref, job.volume_ref, self.logic.scene.experts.latest(job.result_ref))
+            self.showResults(job.summary)
             if self.ui.show3DButton.checked:
                 self.logic.showSegmentation3D(job.result_ref, True)
         elif job.state == JobState.CANCELLED:
@@ -611,7 +619,25 @@ class MoMESegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for rowIndex, row in enumerate(rows):
             for column, text in enumerate(row.cells()):
                 self.ui.resultsTable.setItem(rowIndex, column, qt.QTableWidgetItem(text))
+        explained = any(row.dominant_scale for row in rows)
+        self.ui.resultsTable.setColumnHidden(ResultRow.EXPLAIN_COLUMN, not explained)
         self.ui.resultsTable.resizeColumnsToContents()
+        if explained:  # the first found structure's expert maps, until another row is selected
+            first = next(index for index, row in enumerate(rows) if row.dominant_scale)
+            self.ui.resultsTable.selectRow(first)
+
+    def onResultSelected(self) -> None:
+        """With *Show experts*, load the expert maps of the structure selected in the results table."""
+        shown = getattr(self, "_shownResult", None)
+        selected = self.ui.resultsTable.selectedIndexes()
+        if not shown or not selected or not shown[2]:
+            return
+        segmentationNode, volumeNode, names = shown
+        name = names.get(selected[0].row() + 1)  # rows follow the labels, 1 for the first prompt
+        if name is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the expert maps."), waitCursor=True):
+            self.logic.showExperts(segmentationNode, name, volumeNode)
 
     def onShow3DToggled(self, checked) -> None:
         segmentationNode = self._parameterNode.outputSegmentation if self._parameterNode else None
@@ -865,7 +891,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, prompts, segmentationNode=None, wait=True, model="demo", device="auto",
                 roiNode=None, replace=False, probabilities=False, largestComponent=False, fast=False,
-                anatomyGuard=True, threads=None, timeout=None, server=None, apiKey=None):
+                anatomyGuard=True, threads=None, timeout=None, server=None, apiKey=None, explain=False):
         """Segment the structures named in ``prompts`` (comma-separated) in ``volumeNode``.
 
         :param segmentationNode: segmentation that receives the segments; ``None`` creates one.
@@ -873,6 +899,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
             its key); ``None`` runs a worker process on this computer.
         :param anatomyGuard: refuse non-CT input; report masks the field of view makes implausible
             (a liver in a head CT) as not found, with the reason in the results table.
+        :param explain: also compute the router's maps; :meth:`showExperts` then shows a structure's.
         :param wait: block until the job ends (then raise on failure); otherwise return at once and
             let :meth:`processEvents` (a QTimer in the module panel) drive it.
         :return: the job (``job.state``, ``job.result_ref`` = segmentation node, ``job.summary``).
@@ -883,7 +910,7 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         roi = self.roiBox(roiNode, volumeNode) if roiNode else None
         options = SegmentationOptions(model=model, device=device, threads=threads, roi=roi, replace=replace,
                                       probabilities=probabilities, largest_component=largestComponent, fast=fast,
-                                      anatomy_guard=anatomyGuard)
+                                      anatomy_guard=anatomyGuard, explain=explain)
         self.useServer(server, apiKey)
         workflow = self.workflow()
         if server:
@@ -958,6 +985,14 @@ class MoMESegmentationLogic(ScriptedLoadableModuleLogic):
         callback = self._jobCallbacks.pop(job.id)[1] if job.id in self._jobCallbacks else self.finishedCallback
         if callback:
             callback(job)
+
+    def showExperts(self, segmentationNode, segmentName, volumeNode):
+        """Show which expert each voxel of ``segmentName`` trusted (a result segmented with ``explain``):
+        the dominant-expert labelmap, with its colour legend, in the label layer of the slice views and
+        the router's entropy as their foreground. Returns ``(labelmapNode, entropyNode)``."""
+        labels, entropy = self.scene.experts.show(segmentationNode, segmentName, volumeNode)
+        slicer.util.setSliceViewerLayers(label=labels, foreground=entropy, foregroundOpacity=0.3)
+        return labels, entropy
 
     def roiBox(self, roiNode, volumeNode):
         """The ROI as an LPS box in the exported volume's coordinates (both nodes' transforms undone)."""

@@ -92,7 +92,11 @@ def _safe(name: str) -> str:
 
 
 def write_result(result, path: Path, summary: dict, probabilities: bool = False) -> list[Path]:
-    """Write the label map or ``.seg.nrrd``, the JSON summary and optional probability maps atomically."""
+    """Write the label map or ``.seg.nrrd``, the JSON summary and optional probability maps atomically.
+
+    With the router's maps (``result.explanation``) ``summary["explain"]["maps"]`` is set to their
+    files, in the written summary and in ``summary`` itself.
+    """
     from .io.readers import write_labelmap, write_volume
     from .io.segmentation import write_segmentation
 
@@ -107,10 +111,9 @@ def write_result(result, path: Path, summary: dict, probabilities: bool = False)
             write_labelmap(result.labelmap, result.reference, staged)
         written.append(path)
         explanation = getattr(result, "explanation", None)
-        if explanation is not None and explanation.has_maps:
-            summary = dict(summary, explain=dict(summary.get("explain") or explanation.to_json(),
-                                                 maps=_write_expert_maps(result, explanation,
-                                                                         staging / experts_dir(path).name)))
+        if explanation is not None and explanation.has_maps:  # the caller's summary names the maps too
+            summary["explain"] = dict(summary.get("explain") or explanation.to_json(),
+                                      maps=_write_expert_maps(result, explanation, staging / experts_dir(path).name))
             written.append(experts_dir(path))
         (staging / summary_path(path).name).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         written.append(summary_path(path))

@@ -112,6 +112,7 @@ class SegmentationOptions:
     largest_component: bool = False  # keep the largest connected component of each structure
     fast: bool = False  # 1.2x coarser grid (about 3x quicker on a CPU)
     anatomy_guard: bool = True  # refuse non-CT input; drop masks the field of view makes implausible
+    explain: bool = False  # also write the router's maps (dominant expert, entropy) per structure
     replace: bool = False  # replace existing segments with the same name instead of adding
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class SegmentationOptions:
     def worker_options(self) -> dict:
         return {"roi": self.roi, "probabilities": bool(self.probabilities),
                 "largest_component": bool(self.largest_component), "fast": bool(self.fast),
-                "anatomy_guard": bool(self.anatomy_guard)}
+                "anatomy_guard": bool(self.anatomy_guard), "explain": bool(self.explain)}
 
 
 class JobState(str, enum.Enum):
@@ -434,16 +435,21 @@ class ResultRow:
     #: volume (mL) where the probability is between 0.3 and 0.7, found or not; None when the summary
     #: has no such figure (a worker from before it was reported)
     uncertain_ml: float | None = None
+    #: the expert (decoder scale) with the largest mean gate inside the structure, when the run was
+    #: explained (``explain``); None otherwise
+    dominant_scale: str | None = None
 
     HEADERS = ("Structure", "Matched term", "Volume (mL)", "Mean probability", "Uncertain (mL)", "Found",
-               "Why not found")
+               "Why not found", "Dominant scale")
+    #: the column a front end may hide while no row has a dominant scale (a run without ``explain``)
+    EXPLAIN_COLUMN = 7
 
-    def cells(self) -> tuple[str, str, str, str, str, str, str]:
+    def cells(self) -> tuple[str, str, str, str, str, str, str, str]:
         matched = self.matched if self.similarity >= 0.999 else f"{self.matched} ({self.similarity:.2f})"
         return (self.structure, matched, f"{self.volume_ml:.1f}" if self.found else "-",
                 f"{self.mean_probability:.2f}" if self.found else "-",
                 "-" if self.uncertain_ml is None else f"{self.uncertain_ml:.1f}",
-                "yes" if self.found else "no", "" if self.found else self.note)
+                "yes" if self.found else "no", "" if self.found else self.note, self.dominant_scale or "-")
 
 
 def result_rows(summary: dict | None) -> list[ResultRow]:
@@ -462,6 +468,7 @@ def result_rows(summary: dict | None) -> list[ResultRow]:
             found=bool(entry.get("found")),
             note=_note(entry),
             uncertain_ml=_float(entry.get("uncertain_ml"), None),
+            dominant_scale=((entry.get("routing") or {}).get("dominant") if entry.get("found") else None),
         ))
     return rows
 

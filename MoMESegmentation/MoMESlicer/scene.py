@@ -52,10 +52,20 @@ class SlicerScene:
     def __init__(self, scene: Any | None = None, collapse_layers: bool = True) -> None:
         self._scene = scene
         self.collapse_layers = collapse_layers
+        self._experts = None
 
     @property
     def scene(self) -> Any:
         return self._scene if self._scene is not None else slicer.mrmlScene
+
+    @property
+    def experts(self):
+        """The router's maps of imported results (:class:`~MoMESlicer.experts.ExpertMaps`)."""
+        if self._experts is None:
+            from .experts import ExpertMaps
+
+            self._experts = ExpertMaps(self.scene)
+        return self._experts
 
     # ------------------------------------------------------------------ input
 
@@ -197,6 +207,12 @@ class SlicerScene:
                 target.CollapseBinaryLabelmaps(False)
             # Nodes made by a node selector have no display node; a no-op when one exists.
             segmentation_node.CreateDefaultDisplayNodes()
+            # Last, as nothing after it can fail: the router's maps (explain) leave the job's folder.
+            names = {source_id: placement.name for source_id, placement in zip(source_ids, plan)}
+            labels = {int(entry["label"]): names[entry.get("id")]
+                      for entry in (summary or {}).get("structures") or []
+                      if isinstance(entry, dict) and "label" in entry and entry.get("id") in names}
+            self.experts.keep(seg_path, summary, segmentation_node, labels)
         except BaseException:
             self._roll_back(before, segmentation_node, added_ids, added_nodes)
             raise

@@ -94,6 +94,11 @@ def start(terminology_directory: str | Path | None = None) -> SlicerCore:
     scene.AddNode(crosshair)
 
     app_logic = vtkSlicerApplicationLogic()
+    # The Colors module's logic, as Slicer's Colors module installs it: it also registers the colour
+    # legend node class.
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetColorLogic(colors)
     app_logic.SetMRMLScene(scene)
     app_logic.GetColorLogic().SetMRMLScene(scene)
     app_logic.GetColorLogic().AddDefaultColorNodes()

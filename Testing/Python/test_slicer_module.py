@@ -583,13 +583,13 @@ class PureHelpersTest(unittest.TestCase):
              "uncertain_ml": 3.04, "note": "no voxels above threshold"},
             "junk"]}
         rows = result_rows(summary)
-        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "41.3", "yes", ""))
+        self.assertEqual(rows[0].cells(), ("liver", "Liver", "1500.2", "0.93", "41.3", "yes", "", "-"))
         # A summary without the figure (an older worker) shows none, not 0.
-        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "-", "no", ""))
-        self.assertEqual(rows[2].cells()[-1], "[region] scan covers chest only; urinary bladder lies in the pelvis")
+        self.assertEqual(rows[1].cells(), ("kidny", "Kidney left (0.74)", "-", "-", "-", "no", "", "-"))
+        self.assertEqual(rows[2].cells()[-2], "[region] scan covers chest only; urinary bladder lies in the pelvis")
         # A structure that is not found still shows where the model was unsure.
         self.assertEqual(rows[3].cells(), ("spleen", "Spleen", "-", "-", "3.0", "no",
-                                           "[empty] no voxels above threshold"))
+                                           "[empty] no voxels above threshold", "-"))
         self.assertEqual(len(ResultRow.HEADERS), len(rows[0].cells()))
         column = ResultRow.HEADERS.index("Uncertain (mL)")
         self.assertEqual(ResultRow.HEADERS[column - 1], "Mean probability")
@@ -610,8 +610,19 @@ class PureHelpersTest(unittest.TestCase):
                             0, note="no voxels above threshold", rule="empty", uncertain_ml=12.5)]
         rows = result_rows({"structures": [s.to_json() for s in structures]})
         self.assertEqual([r.cells() for r in rows], [
-            ("liver", "Liver", "1382.4", "0.88", "414.7", "yes", ""),
-            ("spleen", "Spleen", "-", "-", "12.5", "no", "[empty] no voxels above threshold")])
+            ("liver", "Liver", "1382.4", "0.88", "414.7", "yes", "", "-"),
+            ("spleen", "Spleen", "-", "-", "12.5", "no", "[empty] no voxels above threshold", "-")])
+
+    def test_result_rows_show_the_dominant_scale_of_an_explained_run(self):
+        """With explain, the summary's routing names the dominant expert of each found structure."""
+        routing = {"inside": {"full resolution": 0.2, "1/4 scale": 0.8}, "dominant": "1/4 scale"}
+        rows = result_rows({"structures": [
+            {"prompt": "liver", "name": "Liver", "found": True, "volume_ml": 1.0, "routing": routing},
+            {"prompt": "spleen", "name": "Spleen", "found": False, "routing": routing}]})
+        column = ResultRow.EXPLAIN_COLUMN
+        self.assertEqual(ResultRow.HEADERS[column], "Dominant scale")
+        self.assertEqual([r.cells()[column] for r in rows], ["1/4 scale", "-"])
+        self.assertEqual([r.dominant_scale for r in rows], ["1/4 scale", None])
 
     def test_model_cards_are_read_defensively(self):
         cards = load_model_cards(REPO / "Resources" / "models.json")
