@@ -1047,7 +1047,8 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         return volume
 
     def test_PanelSegmentsAndLoadsProbabilityMaps(self):
-        """The panel's own widgets: type prompts, tick probability maps, press Segment, read the table.
+        """The panel's own widgets: type prompts, tick probability maps and Show experts, press Segment,
+        read the table, select a row to see its experts.
 
         The cases that need Slicer's GUI; the scene logic itself is tested outside Slicer on Slicer's
         MRML core (Testing/Python/test_slicer_scene.py).
@@ -1060,6 +1061,7 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         parameters.inputVolume = volume
         parameters.prompts = "liver, spleen"
         parameters.probabilities = True
+        parameters.showExperts = True
         parameters.fastMode = True
         self.assertEqual(widget.ui.promptEdit.text, "liver, spleen")
         self.assertTrue(widget.ui.segmentButton.enabled)
@@ -1075,6 +1077,14 @@ class MoMESegmentationTest(ScriptedLoadableModuleTest):
         names = widget.logic.scene.existing_segment_names(segmentationNode)
         maps = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n.GetAttribute("MoME.ProbabilityOf")]
         self.assertEqual(sorted(n.GetAttribute("MoME.ProbabilityOf") for n in maps), sorted(names))
+        # Show experts: the dominant scale column, and the selected structure's maps in the slice views.
+        self.assertFalse(widget.ui.resultsTable.isColumnHidden(ResultRow.EXPLAIN_COLUMN))
+        widget.ui.resultsTable.selectRow(1)
+        slicer.app.processEvents()
+        shown = [n for n in slicer.util.getNodesByClass("vtkMRMLLabelMapVolumeNode")
+                 if n.GetAttribute("MoME.Experts") == "dominant"]
+        self.assertEqual(len(shown), 1)
+        self.assertTrue(shown[0].GetName().startswith(names[1] if len(names) > 1 else names[0]))
         self.delayDisplay("Panel test passed")
 
     def test_SegmentEditorEffectAppliesAndUndoes(self):
