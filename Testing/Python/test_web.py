@@ -344,8 +344,10 @@ def test_segment_sample_liver_and_spleen(page_a, web_server, tmp_path):
 
     views = _views(page)
     shot = os.environ.get("MOME_WEB_SCREENSHOT")
-    if shot:
-        page.screenshot(path=shot)
+    if shot:  # 256 colours keep the picture small for the docs
+        from PIL import Image
+
+        Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(256).save(shot, optimize=True)
     quadrants = _quadrants(views)
     reference_side = _reference_sides()
     for view in ("axial", "threed"):
