@@ -691,14 +691,16 @@ class RemoteWorkerClient:
 
     def _download(self, job: _RemoteJob, files: list[str], summary: dict, output: Path) -> None:
         """Fetch the result files into a staging folder beside ``output``; rename them into place."""
-        from .outputs import probabilities_dir, split_suffix, summary_path
+        from .outputs import experts_dir, probabilities_dir, split_suffix, summary_path
 
         stem, suffix = split_suffix(output)
         names = {
             f"result{suffix}": output.name,
             "result.json": summary_path(output).name,
             "result_probabilities": probabilities_dir(output).name,
+            "result_experts": experts_dir(output).name,
         }
+        _rename_expert_maps(summary, "result_experts", experts_dir(output).name)
         staging = Path(tempfile.mkdtemp(prefix=".mome-tmp-", dir=output.parent))
         try:
             for name in files:
@@ -760,10 +762,27 @@ def _result_format(output: Path) -> str:
     return split_suffix(output)[1]  # InputError for an unsupported extension
 
 
+def _rename_expert_maps(summary: dict, old: str, new: str) -> None:
+    """The summary's expert-map paths (``explain.maps``) after their folder is renamed from ``old`` to ``new``."""
+    maps = ((summary or {}).get("explain") or {}).get("maps")
+    if not isinstance(maps, dict):
+        return
+
+    def renamed(path):
+        return new + path[len(old):] if isinstance(path, str) and path.startswith(old + "/") else path
+
+    maps["folder"] = new if maps.get("folder") == old else maps.get("folder")
+    maps["color_table"] = renamed(maps.get("color_table"))
+    for files in (maps.get("structures") or {}).values():
+        if isinstance(files, dict):
+            for kind in list(files):
+                files[kind] = renamed(files[kind])
+
+
 def _options(options) -> dict:
     """The worker options the server knows (the same names as the local worker's)."""
     options = dict(options or {})
-    keys = ("roi", "probabilities", "largest_component", "fast", "anatomy_guard")
+    keys = ("roi", "probabilities", "largest_component", "fast", "anatomy_guard", "explain")
     return {key: options[key] for key in keys if key in options and options[key] is not None}
 
 

@@ -385,6 +385,7 @@ class _Device:
                 largest_component=bool(options.get("largest_component")),
                 fast=bool(options.get("fast")),
                 anatomy_guard=bool(options.get("anatomy_guard", True)),
+                explain=bool(options.get("explain")),
                 progress=job.progress,
                 cancel=job.token,
             )
@@ -395,9 +396,9 @@ class _Device:
             write_result(result, target, summary, probabilities=bool(options.get("probabilities")))
             stem, _ = split_suffix(target)
             files = [target.name]
-            extra = job.folder / f"{stem}_probabilities"
-            if extra.is_dir():
-                files += [f"{extra.name}/{p.name}" for p in sorted(extra.iterdir()) if p.is_file()]
+            for extra in (job.folder / f"{stem}_probabilities", job.folder / f"{stem}_experts"):
+                if extra.is_dir():
+                    files += [f"{extra.name}/{p.name}" for p in sorted(extra.iterdir()) if p.is_file()]
             job.summary, job.files = summary, files
             job.finish("done", summary=summary, files=files)
         except Cancelled:
@@ -848,6 +849,7 @@ def create_app(
         largest_component: bool = False
         fast: bool = False
         anatomy_guard: bool = True
+        explain: bool = False
 
     class JobRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")

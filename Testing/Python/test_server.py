@@ -596,6 +596,34 @@ def test_cli_segment_on_the_server_equals_local(served, tmp_path, capsys):
     assert not (tmp_path / "refused.nii.gz").exists()
 
 
+def test_explain_on_the_server_writes_the_same_maps_as_here(tmp_path):
+    """`mome segment --server --explain`: the router's maps come back beside the output, renamed, and
+    equal those of a local run (a real tiny network: the stub above has no router)."""
+    segmenter = Segmenter(str(make_tiny_checkpoint(tmp_path)), "cpu")
+    app = create_app(ServerConfig(api_key=KEY, work_dir=tmp_path / "work"), [segmenter])
+    server, thread, url = start_uvicorn(app)
+    try:
+        source = ct_file(tmp_path)
+        code = main(["segment", str(source), "--prompt", "liver, spleen", "-o", str(tmp_path / "remote.nii.gz"),
+                     "--server", url, "--api-key", KEY, "--explain", "--quiet"])
+        assert code == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.service.close()
+    local = segmenter.segment(read_volume(source), "liver, spleen", explain=True)
+    summary = json.loads((tmp_path / "remote.json").read_text())
+    maps = summary["explain"]["maps"]
+    assert maps["folder"] == "remote_experts" and (tmp_path / maps["color_table"]).is_file()
+    for k, label in enumerate(("1", "2")):
+        files = maps["structures"][label]
+        assert files["dominant"].startswith("remote_experts/")
+        np.testing.assert_array_equal(read_volume(tmp_path / files["dominant"]).array, local.explanation.dominant[k])
+        np.testing.assert_allclose(read_volume(tmp_path / files["entropy"]).array, local.explanation.entropy[k],
+                                   atol=1e-6)
+    assert summary["structures"][0]["routing"] == local.summary()["structures"][0]["routing"]
+
+
 # ----------------------------------------------------------------------------------- a server killed mid-job
 
 SERVER_SCRIPT = """
