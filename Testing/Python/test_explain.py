@@ -281,3 +281,24 @@ def test_explain_does_not_change_the_demo_segmentation_by_one_voxel():
         if structure.found:
             assert routing.inside is not None and abs(sum(routing.inside) - 1.0) < 1e-3
             assert (dominant[explained.masks[structure.label - 1]] > 0).all()
+
+
+def test_without_explain_no_gates_are_asked_for_or_kept(tiny):
+    """Off by default, the routing maps cost nothing: decode is never asked for the gates."""
+    asked = []
+    original = tiny.model.decode
+
+    def decode(*args, **kwargs):
+        asked.append(bool(kwargs.get("return_gates")))
+        return original(*args, **kwargs)
+
+    tiny.model.decode = decode
+    try:
+        plain = tiny.segment(model_grid_volume(), PROMPTS, anatomy_guard=False)
+        assert asked and not any(asked)
+        assert plain.explanation is None and "explain" not in plain.summary()
+        assert all("routing" not in s for s in plain.summary()["structures"])
+        explained = tiny.segment(model_grid_volume(), PROMPTS, anatomy_guard=False, explain=True)
+        assert asked[-1] is True and explained.explanation is not None
+    finally:
+        del tiny.model.decode
