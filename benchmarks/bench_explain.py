@@ -6,7 +6,9 @@ cleared feature cache, then a new prompt (``gallbladder``) on the cached feature
 ``explain``, alternately within each round, so that the load of a shared machine falls on both alike
 (the overhead is the ratio within a round). Each variant's peak memory is measured apart, in a child
 process of its own (peak resident set size of one full run), and so is the time to write the maps.
-The masks of both are compared voxel for voxel: explaining must not change one.
+The masks of both are compared voxel for voxel: explaining must not change one. What explain
+holds in memory on top (the stitched gates, one prompt's gates on the input grid) is also computed
+from the shapes, since the peak of a whole run may lie elsewhere (loading, the encoder).
 
     python benchmarks/bench_explain.py --threads 2 --rounds 3 --out benchmarks/results/explain_cpu.json
 """
@@ -95,6 +97,13 @@ def main(argv=None) -> int:
               f"{rows['explain']['new_prompt'][-1]:.2f} s", flush=True)
 
     peak = {variant: peak_rss_child(variant == "explain", args.threads) for variant in ("plain", "explain")}
+    # What explain holds on top, by construction: the stitched gates of every prompt on the model grid
+    # (float32, on the stitching device: the GPU when it fits), then one prompt's gates on the input grid.
+    prompts, experts = len(segmenter.plan_prompts(DEMO_PROMPTS)), segmenter.model.num_experts
+    model_grid = int(np.prod(segmenter.preprocess(ct).image.shape[2:]))
+    extra = {"stitched_gates_mib": round(prompts * experts * model_grid * 4 / 2**20, 1),
+             "one_prompt_input_grid_gates_mib": round(experts * int(np.prod(ct.shape)) * 4 / 2**20, 1),
+             "model_grid_voxels": model_grid}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": args.threads, "torch": torch.__version__, "precision": segmenter.precision,
@@ -106,6 +115,7 @@ def main(argv=None) -> int:
         "overhead_ratio_median": {k: round(statistics.median(xs), 3) for k, xs in ratios.items()},
         "write_maps_s_median": round(statistics.median(write_s), 3),
         "peak_rss_mib": {k: round(v, 1) for k, v in peak.items()},
+        "explain_memory": extra,
         "masks_identical": bool(identical),
     }
     print(json.dumps(report, indent=1))
