@@ -28,6 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ __all__ = [
     "resolve_precision",
     "PRECISIONS",
     "check_ct_like",
+    "FeatureCache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -325,8 +327,8 @@ class Preprocessed:
                      zip(self.padding, self.image.shape[2:]))  # type: ignore[return-value]
 
 
-class _FeatureCache:
-    """Prompt-free image features of the last volume, per sliding window."""
+class FeatureCache:
+    """Prompt-free image features of one volume, per sliding window (:meth:`Segmenter.using_features`)."""
 
     def __init__(self) -> None:
         self.fingerprint: str | None = None
@@ -408,7 +410,7 @@ class Segmenter:
         if self.pad_mode not in PAD_MODES:
             raise CheckpointError(f"{self.checkpoint_path}: unknown padding mode {self.pad_mode!r}")
         self.mask_padding = bool(padding.get("mask_valid", False))  # norms/global pool skip the padding
-        self._cache = _FeatureCache()
+        self._cache = FeatureCache()
         #: windows encoded / reused by the last :meth:`predict_logits` (see SegmentationResult)
         self.feature_windows = {"encoded": 0, "reused": 0}
         self._vocabulary = vocabulary
@@ -848,6 +850,27 @@ class Segmenter:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """The image features the next run reuses (those of the last volume segmented)."""
+        return self._cache
+
+    @contextmanager
+    def using_features(self, cache: FeatureCache):
+        """Segment with ``cache`` as the feature cache, then put the previous one back.
+
+        A server that keeps one cache per session swaps them in around each job, so a new prompt on a
+        session's volume reuses that session's features whatever ran in between::
+
+            with segmenter.using_features(session_cache):
+                result = segmenter.segment(volume, prompts)
+        """
+        previous, self._cache = self._cache, cache
+        try:
+            yield cache
+        finally:
+            self._cache = previous
 
 
 # ---------------------------------------------------------------------- helpers

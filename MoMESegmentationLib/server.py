@@ -298,9 +298,11 @@ class _Device:
         return str(getattr(self.segmenter, "device", "cpu"))
 
     # -- the feature cache ------------------------------------------------------------
-    def _new_features(self):
-        current = getattr(self.segmenter, "_cache", None)
-        return type(current)() if current is not None else None
+    @staticmethod
+    def _new_features():
+        from .engine import FeatureCache
+
+        return FeatureCache()
 
     def _entry(self, session_id: str) -> _CacheEntry:
         entry = self.cache.pop(session_id, None)
@@ -322,7 +324,7 @@ class _Device:
 
     def forget(self, session_id: str) -> None:
         entry = self.cache.pop(session_id, None)
-        if entry is not None and entry.features is not None and hasattr(entry.features, "clear"):
+        if entry is not None:
             entry.features.clear()
 
     # -- the worker --------------------------------------------------------------------
@@ -365,30 +367,26 @@ class _Device:
             timer.daemon = True
             timer.start()
         segmenter = self.segmenter
-        previous = getattr(segmenter, "_cache", None)
         try:
             job.token.raise_if_cancelled()
             if entry.volume is None:
                 from .io.readers import read_volume
 
                 entry.volume = read_volume(job.session.image)
-            if entry.features is not None and previous is not None:
-                segmenter._cache = entry.features  # this session's features (see _Device.cache)
-            elif previous is not None and entry.features is None:
-                segmenter.clear_cache()
             options = job.options
-            result = segmenter.segment(
-                entry.volume,
-                job.prompts,
-                roi=options.get("roi"),
-                probabilities=bool(options.get("probabilities")),
-                largest_component=bool(options.get("largest_component")),
-                fast=bool(options.get("fast")),
-                anatomy_guard=bool(options.get("anatomy_guard", True)),
-                explain=bool(options.get("explain")),
-                progress=job.progress,
-                cancel=job.token,
-            )
+            with segmenter.using_features(entry.features):  # this session's features (see _Device.cache)
+                result = segmenter.segment(
+                    entry.volume,
+                    job.prompts,
+                    roi=options.get("roi"),
+                    probabilities=bool(options.get("probabilities")),
+                    largest_component=bool(options.get("largest_component")),
+                    fast=bool(options.get("fast")),
+                    anatomy_guard=bool(options.get("anatomy_guard", True)),
+                    explain=bool(options.get("explain")),
+                    progress=job.progress,
+                    cancel=job.token,
+                )
             job.token.raise_if_cancelled()
             summary = result.summary(None)
             job.folder.mkdir(parents=True, exist_ok=True)
@@ -426,8 +424,6 @@ class _Device:
         finally:
             if timer is not None:
                 timer.cancel()
-            if previous is not None:
-                segmenter._cache = previous
 
 
 class SegmentationService:

@@ -156,7 +156,7 @@ def run_once(segmenter: Segmenter, volume, timer: StageTimer | None = None) -> d
     record["new_prompt_reused_windows"] = extra.feature_windows.get("reused")
     record["new_prompt_timings"] = {k: round(v, 3) for k, v in extra.timings.items()}
     record["new_prompt_mask"] = extra.masks[0]
-    record["feature_cache_mib"] = round(segmenter._cache.nbytes / 2**20, 1)
+    record["feature_cache_mib"] = round(segmenter.feature_cache.nbytes / 2**20, 1)
     return record
 
 

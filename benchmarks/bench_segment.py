@@ -168,7 +168,7 @@ def main() -> int:
         times = timed(lambda: segmenter.segment(volume, [extra]), device, args.repeats)
         results["new_prompt"] = {"seconds": times, "median_s": float(np.median(times)),
                                  "peak_gpu_gib": peak_gib(device),
-                                 "feature_cache_gib": round(segmenter._cache.nbytes / 2 ** 30, 3)}
+                                 "feature_cache_gib": round(segmenter.feature_cache.nbytes / 2 ** 30, 3)}
         del segmenter
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,6 +54,23 @@ def test_cache_is_invalidated_by_a_new_volume(segmenter):
     assert not np.allclose(first.probabilities[0], second.probabilities[0])
 
 
+def test_using_features_keeps_each_volumes_cache_apart(segmenter):
+    """A server swaps one feature cache per session in around each job: A's features survive B's run."""
+    from MoMESegmentationLib.engine import FeatureCache
+
+    a, b = make_ct(seed=1), make_ct(seed=2)
+    segmenter.segment(a, "liver", anatomy_guard=False)
+    own = segmenter.feature_cache
+    other = FeatureCache()
+    with segmenter.using_features(other):
+        assert segmenter.feature_cache is other
+        segmenter.segment(b, "liver", anatomy_guard=False)
+        assert segmenter.feature_windows["encoded"] > 0 and other.windows
+    assert segmenter.feature_cache is own
+    segmenter.segment(a, "spleen", anatomy_guard=False)
+    assert segmenter.feature_windows == {"encoded": 0, "reused": len(own.windows)}
+
+
 def test_cancel_stops_within_one_window(checkpoint):
     segmenter = Segmenter(checkpoint, device="cpu", sw_batch_size=1, cache_features=False)
     volume = make_ct(shape=(60, 60, 60), spacing=(3.0, 3.0, 3.0))
