@@ -433,6 +433,10 @@ def test_two_sessions_stay_isolated(browser, page_a, web_server, tmp_path):
             time.sleep(0.5)
         assert id_b not in _session_folders(work), "session B's folder outlived the session"
         assert id_a in _session_folders(work)
+        # The process removes its folder first, then stops its worker and exits: the front counts it
+        # until it has exited.
+        while _get_json(web_server["base"] + "health")["sessions"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert _get_json(web_server["base"] + "health")["sessions"] == 1
         page_a.fill("#mome-prompt", "liv")
         page_a.wait_for_function("document.querySelector('#mome-suggestions').textContent.includes('liver')",

@@ -427,7 +427,7 @@ class WorkflowTest(unittest.TestCase):
         options = SegmentationOptions(roi=[[0, 0, 0], [1, 1, 1]], fast=True, anatomy_guard=False)
         self.assertEqual(options.worker_options(), {"roi": [[0, 0, 0], [1, 1, 1]], "probabilities": False,
                                                      "largest_component": False, "fast": True,
-                                                     "anatomy_guard": False})
+                                                     "anatomy_guard": False, "explain": False})
 
 
 def _equal_snapshots(a: tuple, b: tuple) -> bool:
