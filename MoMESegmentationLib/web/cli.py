@@ -17,12 +17,11 @@ def missing_web_requirements() -> str | None:
     """``None`` when the web app can run here, else one line saying what is missing."""
     import importlib.util
 
-    for module in ("aiohttp", "trame", "trame_slicer", "slicer"):
+    # Looked up, not imported: the library stays free of Slicer; the session process imports them.
+    for module in ("aiohttp", "trame", "trame_slicer", "slicer_core"):
         if importlib.util.find_spec(module) is None:
             return f"mome web needs {module.replace('_', '-')}: {INSTALL_HINT}"
-    try:
-        from slicer import vtkMRMLLayerDMObjectEventObserverScripted  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("slicer_layer_dm") is None:
         return f"mome web needs Slicer's layer displayable managers (slicer-layer-dm): {INSTALL_HINT}"
     return None
 
