@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError
-from .worker_client import TERMINAL_EVENTS, WorkerError
+from .worker_client import TERMINAL_EVENTS, EventQueue, WorkerError
 
 __all__ = [
     "client_for",
@@ -263,7 +263,7 @@ class _RemoteJob:
         self.thread: threading.Thread | None = None
 
 
-class RemoteWorkerClient:
+class RemoteWorkerClient(EventQueue):
     """A :class:`~.worker_client.WorkerClient` look-alike that runs jobs on a ``mome serve`` server.
 
     Args:
@@ -432,45 +432,6 @@ class RemoteWorkerClient:
             target=self._run_job, args=(job,), name=f"mome-remote-{job.id}", daemon=True
         )
         job.thread.start()
-
-    def poll_events(self) -> list[dict]:
-        """The events that arrived since the last call (never blocks)."""
-        self._flush_logs()
-        events = list(self._pending)
-        self._pending.clear()
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        for event in events:
-            self._observe(event)
-        self._flush_logs()
-        return events
-
-    def wait_event(
-        self, predicate: Callable[[dict], bool] | None = None, timeout: float | None = None
-    ) -> dict | None:
-        """Block until an event matching ``predicate`` arrives (as :meth:`WorkerClient.wait_event`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        skipped: list[dict] = []
-        try:
-            while True:
-                self._flush_logs()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                try:
-                    event = self._events.get(timeout=0.05 if remaining is None else min(0.05, remaining))
-                except queue.Empty:
-                    continue
-                self._observe(event)
-                if predicate is None or predicate(event):
-                    return event
-                skipped.append(event)
-        finally:
-            self._pending.extend(skipped)
-            self._flush_logs()
 
     def cancel(self, job_id: str, timeout: float = 1.0) -> bool:
         """Cancel job ``job_id``; ``True`` when the server confirmed within ``timeout`` seconds.

@@ -74,7 +74,64 @@ def default_threads(device: str, cpu_count: int | None = None) -> int | None:
     return max(1, int(cpus) - 2)
 
 
-class WorkerClient:
+class EventQueue:
+    """Events of a worker, local or remote: :meth:`poll_events` and :meth:`wait_event` over a queue.
+
+    A client puts events on ``self._events`` (from its reader thread); ``self._pending`` holds those a
+    wait passed over. It provides ``_observe(event)`` (its own bookkeeping of each event) and
+    ``_flush_logs()`` (the worker's log lines to the log callback).
+    """
+
+    _events: queue.Queue
+    _pending: list
+
+    def poll_events(self) -> list[dict]:
+        """Return the events that arrived since the last call (never blocks)."""
+        self._flush_logs()
+        events = list(self._pending)
+        self._pending.clear()
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        for event in events:
+            self._observe(event)
+        self._flush_logs()
+        return events
+
+    def wait_event(self, predicate: Callable[[dict], bool] | None = None,
+                   timeout: float | None = None) -> dict | None:
+        """Block until an event matching ``predicate`` (any event if ``None``) arrives.
+
+        Events that do not match stay queued for :meth:`poll_events`, in order. Returns ``None``
+        after ``timeout`` seconds. A crash of the worker always ends the wait (its ``error`` event
+        is returned when it matches, otherwise ``None``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        skipped: list[dict] = []
+        try:
+            while True:
+                self._flush_logs()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                try:
+                    event = self._events.get(timeout=0.05 if remaining is None else min(0.05, remaining))
+                except queue.Empty:
+                    continue
+                self._observe(event)
+                if predicate is None or predicate(event):
+                    return event
+                skipped.append(event)
+                if event.get("crashed"):
+                    return None
+        finally:
+            self._pending.extend(skipped)
+            self._flush_logs()
+
+
+class WorkerClient(EventQueue):
     """Start, feed and watch one worker process.
 
     Args:
@@ -246,51 +303,6 @@ class WorkerClient:
         if request["cmd"] == "segment":
             self._active_job = request.get("id")
         self._write(request)
-
-    def poll_events(self) -> list[dict]:
-        """Return the events that arrived since the last call (never blocks)."""
-        self._flush_logs()
-        events = list(self._pending)
-        self._pending.clear()
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
-        for event in events:
-            self._observe(event)
-        self._flush_logs()
-        return events
-
-    def wait_event(self, predicate: Callable[[dict], bool] | None = None,
-                   timeout: float | None = None) -> dict | None:
-        """Block until an event matching ``predicate`` (any event if ``None``) arrives.
-
-        Events that do not match stay queued for :meth:`poll_events`, in order. Returns ``None``
-        after ``timeout`` seconds. A crash of the worker always ends the wait (its ``error`` event
-        is returned when it matches, otherwise ``None``).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        skipped: list[dict] = []
-        try:
-            while True:
-                self._flush_logs()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                try:
-                    event = self._events.get(timeout=0.05 if remaining is None else min(0.05, remaining))
-                except queue.Empty:
-                    continue
-                self._observe(event)
-                if predicate is None or predicate(event):
-                    return event
-                skipped.append(event)
-                if event.get("crashed"):
-                    return None
-        finally:
-            self._pending.extend(skipped)
-            self._flush_logs()
 
     def cancel(self, job_id: str, timeout: float = CANCEL_TIMEOUT_S) -> bool:
         """Cancel job ``job_id``.
