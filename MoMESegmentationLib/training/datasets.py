@@ -334,12 +334,12 @@ class CaseSource:
         raise NotImplementedError
 
 
-class PhantomSource(CaseSource):
-    """Phantoms drawn from seeds ``spec.seed .. spec.seed + spec.n - 1`` and preprocessed.
+class _DrawnSource(CaseSource):
+    """``spec.n`` cases drawn by ``_draw(key)`` from deterministic keys, preprocessed and cached.
 
-    Phantoms are deterministic, so MONAI's ``CacheDataset`` builds the cached share
+    Drawing is deterministic, so MONAI's ``CacheDataset`` builds the cached share
     (``spec.cache_rate``) once, in threads, before any DataLoader worker starts: the workers inherit
-    it instead of each drawing every phantom again. Uncached phantoms are drawn when used.
+    it instead of each drawing every case again. Uncached cases are drawn when used.
     """
 
     def __init__(self, spec: DatasetSpec, structures: Sequence[str], groups: dict[str, list[str]],
@@ -353,15 +353,34 @@ class PhantomSource(CaseSource):
         self.structures = list(structures)
         self.groups = groups
         self.dataset = CacheDataset(
-            data=[int(spec.seed) + i for i in range(int(spec.n))],
+            data=self._keys(),
             transform=Compose([Lambda(func=self._draw), preprocess_transforms(transforms)]).flatten(),
             cache_rate=spec.cache_rate,
             num_workers=cache_workers or None,
             progress=False,
         )
 
+    def _keys(self) -> list[int]:
+        """What ``_draw`` receives for each of the ``spec.n`` cases."""
+        raise NotImplementedError
+
+    def _draw(self, key: int) -> dict[str, Any]:
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return int(self.spec.n)
+
+    def case(self, index: int) -> dict[str, Any]:
+        """Preprocessed case ``index`` (modulo ``len(self)``)."""
+        return self.dataset[int(index) % len(self)]
+
+
+class PhantomSource(_DrawnSource):
+    """Phantoms drawn from seeds ``spec.seed .. spec.seed + spec.n - 1`` and preprocessed (cached as
+    :class:`_DrawnSource` says)."""
+
+    def _keys(self) -> list[int]:
+        return [int(self.spec.seed) + i for i in range(int(self.spec.n))]
 
     def _draw(self, seed: int) -> dict[str, Any]:
         from ..data.phantoms import make_phantom
@@ -380,15 +399,11 @@ class PhantomSource(CaseSource):
         return make_item(phantom.image, labels, values, self.structures, self.groups,
                          case_id=f"phantom{seed}", dataset=self.name)
 
-    def case(self, index: int) -> dict[str, Any]:
-        """Preprocessed phantom ``index`` (modulo ``len(self)``)."""
-        return self.dataset[int(index) % len(self)]
-
     def annotated(self) -> list[str]:
         return list(self.case(0)["structure_values"])
 
 
-class SynthSource(CaseSource):
+class SynthSource(_DrawnSource):
     """CTs synthesised from label maps (:mod:`~MoMESegmentationLib.data.synthesis`), preprocessed and cached.
 
     Scan ``n`` of the dataset (seed ``spec.seed + n``) is drawn from label map ``n`` modulo the
@@ -400,26 +415,8 @@ class SynthSource(CaseSource):
 
     PHANTOM_SEED_OFFSET = 500_000
 
-    def __init__(self, spec: DatasetSpec, structures: Sequence[str], groups: dict[str, list[str]],
-                 transforms: TransformConfig, cache_workers: int = 0) -> None:
-        from monai.data import CacheDataset
-        from monai.transforms import Compose, Lambda
-
-        self.spec = spec
-        self.name = spec.name
-        self.weight = spec.weight
-        self.structures = list(structures)
-        self.groups = groups
-        self.dataset = CacheDataset(
-            data=list(range(int(spec.n))),
-            transform=Compose([Lambda(func=self._draw), preprocess_transforms(transforms)]).flatten(),
-            cache_rate=spec.cache_rate,
-            num_workers=cache_workers or None,
-            progress=False,
-        )
-
-    def __len__(self) -> int:
-        return int(self.spec.n)
+    def _keys(self) -> list[int]:
+        return list(range(int(self.spec.n)))
 
     def label_map(self, index: int) -> tuple[Volume, dict[int, str]]:
         """The label map (and its table) that scan ``index`` is drawn from."""
@@ -451,9 +448,6 @@ class SynthSource(CaseSource):
         values = {int(v): (str(n),) for v, n in table.items()}
         return make_item(scan.image, np.asarray(scan.labels.array).astype(np.int32), values, self.structures,
                          self.groups, case_id=f"synth{seed}", dataset=self.name)
-
-    def case(self, index: int) -> dict[str, Any]:
-        return self.dataset[int(index) % len(self)]
 
     def annotated(self) -> list[str]:
         return sorted({s for i in range(min(len(self), len(self.spec.label_maps or [])))
