@@ -56,33 +56,11 @@ def test_two_ranks_share_the_cases_and_a_rerun_resumes(tmp_path, capsys):
             make_ct(shape=(20 + 2 * n, 18, 16), spacing=(8.0, 8.0, 8.0), seed=n), cases / f"case{n}.nrrd"
         )
     (cases / "broken.nii.gz").write_bytes(b"not an image")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "MoMESegmentationLib.cli",
-        "segment",
-        "--batch",
-        str(cases),
-        "-o",
-        str(out),
-        "--model",
-        str(checkpoint),
-        "--device",
-        "cpu",
-        "--prompt",
-        PROMPT,
-        "--quiet",
-    ]
+    batch_args = ["segment", "--batch", str(cases), "-o", str(out), "--model", str(checkpoint), "--device", "cpu",
+                  "--prompt", PROMPT, "--quiet"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "MoMESegmentationLib.cli", *batch_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0, "a failed case makes the batch exit non-zero"
@@ -103,25 +81,7 @@ def test_two_ranks_share_the_cases_and_a_rerun_resumes(tmp_path, capsys):
 
     # rerun in one process: done cases are skipped, the failed one is tried again
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
-    assert (
-        main(
-            [
-                "segment",
-                "--batch",
-                str(cases),
-                "-o",
-                str(out),
-                "--model",
-                str(checkpoint),
-                "--device",
-                "cpu",
-                "--prompt",
-                PROMPT,
-                "--quiet",
-            ]
-        )
-        == 1
-    )
+    assert main(batch_args) == 1
     assert "3 done before, 1 to do" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")} == stamps, (
         "done cases were redone"
@@ -129,25 +89,7 @@ def test_two_ranks_share_the_cases_and_a_rerun_resumes(tmp_path, capsys):
     # the broken case repaired and one output lost: both are done now, the others stay as they were
     write_volume(make_ct(shape=(16, 16, 16), spacing=(8.0, 8.0, 8.0), seed=9), cases / "broken.nii.gz")
     (out / "case1.nii.gz").unlink()
-    assert (
-        main(
-            [
-                "segment",
-                "--batch",
-                str(cases),
-                "-o",
-                str(out),
-                "--model",
-                str(checkpoint),
-                "--device",
-                "cpu",
-                "--prompt",
-                PROMPT,
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main(batch_args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["done"], manifest["errors"], manifest["pending"]) == (4, 0, 0), manifest
     assert (out / "broken.nii.gz").is_file() and (out / "case1.nii.gz").is_file()
