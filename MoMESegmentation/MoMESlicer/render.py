@@ -326,7 +326,7 @@ def segment_voxels_ras(segmentation_node: Any, reference: Any) -> dict[str, np.n
 
     matrix = vtk.vtkMatrix4x4()
     reference.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_ras = slicer.util.arrayFromVTKMatrix(matrix)
     segmentation = segmentation_node.GetSegmentation()
     out: dict[str, np.ndarray] = {}
     for index in range(segmentation.GetNumberOfSegments()):

@@ -138,20 +138,6 @@ class LogicEditorParts(SegmentEditorParts):
         return self.logic.GetReferenceGeometryImage()
 
 
-def _matrix_to_numpy(matrix: Any) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _numpy_to_matrix(array: np.ndarray) -> Any:
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
 def volume_to_segmentation_matrix(volume_node: Any, segmentation_node: Any = None) -> np.ndarray:
     """The linear transform from the volume's parent frame to the segmentation node's frame (4x4).
 
@@ -164,7 +150,7 @@ def volume_to_segmentation_matrix(volume_node: Any, segmentation_node: Any = Non
     target = segmentation_node.GetParentTransformNode() if segmentation_node is not None else None
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volume_node.GetParentTransformNode(), target, matrix):
         raise ValueError("the transform between the volume and the segmentation is not linear")
-    return _matrix_to_numpy(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def mask_to_modifier(mask_kji: np.ndarray, volume_node: Any, segmentation_node: Any = None) -> Any:
@@ -194,7 +180,7 @@ def mask_to_modifier(mask_kji: np.ndarray, volume_node: Any, segmentation_node: 
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     to_segmentation = volume_to_segmentation_matrix(volume_node, segmentation_node)
-    image_to_world = _numpy_to_matrix(to_segmentation @ _matrix_to_numpy(ijk_to_ras))
+    image_to_world = slicer.util.vtkMatrixFromArray(to_segmentation @ slicer.util.arrayFromVTKMatrix(ijk_to_ras))
 
     modifier = slicer.vtkOrientedImageData()
     modifier.SetExtent(extent)

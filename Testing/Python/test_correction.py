@@ -251,7 +251,6 @@ SHAPE = (20, 24, 28)  # (k, j, i)
 def synthetic_case(scene, core, ijk_to_ras=None):
     """A volume, a label with a missing part and a spurious blob, and the model's probability."""
     import slicer
-    import vtk
 
     from MoMESlicer.correction import StructureProbability, volume_key
 
@@ -266,11 +265,7 @@ def synthetic_case(scene, core, ijk_to_ras=None):
     volume = slicer.util.addVolumeFromArray(((i + j + k) % 40).astype(np.int16), name="CT")
     volume.SetSpacing(1.5, 1.5, 2.5)
     if ijk_to_ras is not None:
-        matrix = vtk.vtkMatrix4x4()
-        for r in range(4):
-            for c in range(4):
-                matrix.SetElement(r, c, float(ijk_to_ras[r, c]))
-        volume.SetIJKToRASMatrix(matrix)
+        volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     parts, segmentation, ids = editor_for(scene, core, volume)
     slicer.util.updateSegmentBinaryLabelmapFromArray(label.astype(np.uint8), segmentation, ids["Target"], volume)
     result = StructureProbability("liver", "liver", "liver", probability, volume_key(volume), {"found": True})

@@ -78,17 +78,15 @@ def segmentations(draw) -> Segmentation:
 
 # ------------------------------------------------------------------------------ Slicer helpers
 def vtk_matrix(array: np.ndarray):
-    import vtk
+    import slicer.util
 
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
+    return slicer.util.vtkMatrixFromArray(array)
 
 
 def numpy_matrix(matrix) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    import slicer.util
+
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def slicer_read(core, path):

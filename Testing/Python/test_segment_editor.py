@@ -27,17 +27,15 @@ def scene(core):
 
 
 def matrix(array):
-    import vtk
+    import slicer.util
 
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(array[r, c]))
-    return out
+    return slicer.util.vtkMatrixFromArray(array)
 
 
 def to_numpy(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    import slicer.util
+
+    return slicer.util.arrayFromVTKMatrix(vtk_matrix)
 
 
 def oblique_ijk_to_ras() -> np.ndarray:

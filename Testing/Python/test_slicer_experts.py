@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicer_scene import load_ct, rotation, linear_transform, run, workflow_for
+from test_slicer_scene import ijk_to_ras, linear_transform, load_ct, rotation, run, workflow_for
 
 from MoMESlicer import slicer_core
 
@@ -30,16 +30,15 @@ def scene(core):
 
 
 def ijk_to_world(node) -> np.ndarray:
+    import slicer.util
     import vtk
 
-    ijk = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(ijk)
-    matrix = np.array([[ijk.GetElement(r, c) for c in range(4)] for r in range(4)])
+    matrix = ijk_to_ras(node)
     transform = node.GetParentTransformNode()
     if transform is not None:
         world = vtk.vtkMatrix4x4()
         transform.GetMatrixTransformToWorld(world)
-        matrix = np.array([[world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ matrix
+        matrix = slicer.util.arrayFromVTKMatrix(world) @ matrix
     return matrix
 
 

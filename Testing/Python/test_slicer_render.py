@@ -61,8 +61,10 @@ def build_scene(core):
 
 def screen_rows_columns(view, ras_points: np.ndarray) -> np.ndarray:
     """(row, column) in the captured picture (row 0 at the top) of RAS points on the slice."""
+    import slicer.util
+
     xy_to_ras = view.slice_node.GetXYToRAS()
-    matrix = np.array([[xy_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    matrix = slicer.util.arrayFromVTKMatrix(xy_to_ras)
     xy = np.linalg.inv(matrix) @ np.c_[ras_points, np.ones(len(ras_points))].T
     return np.stack([SIZE - 1 - xy[1], xy[0]], axis=1)
 

@@ -69,21 +69,18 @@ def load_ct(scene, path: Path = CT_PATH, name: str = "CT"):
 
 
 def ijk_to_ras(node) -> np.ndarray:
+    import slicer.util
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def set_ijk_to_ras(node, array: np.ndarray) -> None:
-    import vtk
+    import slicer.util
 
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    node.SetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(array))
 
 
 def rotation(axis, degrees) -> np.ndarray:
@@ -95,14 +92,10 @@ def rotation(axis, degrees) -> np.ndarray:
 
 
 def linear_transform(scene, matrix: np.ndarray, name="T"):
-    import vtk
+    import slicer.util
 
     node = scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    vtk_matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vtk_matrix.SetElement(r, c, float(matrix[r, c]))
-    node.SetMatrixTransformToParent(vtk_matrix)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
     return node
 
 
