@@ -37,7 +37,7 @@ from MoMESegmentationLib.errors import InputError, MoMEError, PromptError
 from MoMESegmentationLib.outputs import probabilities_dir
 from MoMESegmentationLib.slicer_workflow import Job, SegmentationOptions, SegmentationWorkflow
 
-from .scene import SlicerScene, style_probability_volume
+from .scene import SlicerScene, read_volume_node, style_probability_volume
 from .segment_editor import SegmentEditorParts, apply_structure
 
 logger = logging.getLogger(__name__)
@@ -108,19 +108,15 @@ def read_structure_result(scene: Any, seg_path: Path, summary: dict, volume_node
     candidates = sorted(folder.glob(f"{int(entry.get('label', 1)):02d}_*.nii*")) if folder.is_dir() else []
     if not candidates:
         raise MoMEError(f"{seg_path.name}: the worker wrote no probability map for {entry.get('name')!r}")
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    node = read_volume_node(scene, candidates[0], what="probability map")
     try:
-        storage.SetFileName(str(candidates[0]))
-        if not storage.ReadData(node):
-            raise MoMEError(f"could not read the probability map {candidates[0]}")
         if not _same_grid(node, volume_node):
             raise MoMEError(f"{candidates[0].name} does not lie on the grid of {volume_node.GetName()}")
         import slicer
 
         probability = np.clip(slicer.util.arrayFromVolume(node).astype(np.float32), 0.0, 1.0)
     finally:
-        for item in (node.GetDisplayNode(), storage, node):
+        for item in (node.GetDisplayNode(), node):
             if item is not None and scene.IsNodePresent(item):
                 scene.RemoveNode(item)
     return StructureProbability(prompt=str(entry.get("prompt") or entry.get("name") or ""),

@@ -29,6 +29,8 @@ import slicer
 from MoMESegmentationLib.errors import MoMEError
 from MoMESegmentationLib.outputs import experts_dir
 
+from .scene import read_volume_node
+
 __all__ = ["ExpertMaps", "EXPERTS_ATTRIBUTE", "ENTROPY_COLOR_NODE_ID", "shown_expert_nodes"]
 
 #: Attribute of the nodes :meth:`ExpertMaps.show` adds: "dominant", "entropy" or "colors".
@@ -116,11 +118,11 @@ class ExpertMaps:
             colors = self._color_table(kept.experts)
             if colors not in shown_expert_nodes(scene):
                 added.append(colors)
-            labels = _read(scene, "vtkMRMLLabelMapVolumeNode", kept.dominant,
-                           scene.GenerateUniqueName(f"{segment_name} experts"))
+            labels = read_volume_node(scene, kept.dominant, scene.GenerateUniqueName(f"{segment_name} experts"),
+                                      "vtkMRMLLabelMapVolumeNode", what="expert map")
             added.append(labels)
-            entropy = _read(scene, "vtkMRMLScalarVolumeNode", kept.entropy,
-                            scene.GenerateUniqueName(f"{segment_name} router entropy"))
+            entropy = read_volume_node(scene, kept.entropy,
+                                       scene.GenerateUniqueName(f"{segment_name} router entropy"), what="expert map")
             added.append(entropy)
             for node in (labels, entropy):
                 node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
@@ -179,21 +181,6 @@ def shown_expert_nodes(scene: Any) -> list[Any]:
         if node.GetAttribute(EXPERTS_ATTRIBUTE):
             nodes.append(node)
     return nodes
-
-
-def _read(scene: Any, class_name: str, path: Path, name: str) -> Any:
-    node = scene.AddNewNodeByClass(class_name, name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    try:
-        storage.SetFileName(str(path))
-        if class_name == "vtkMRMLLabelMapVolumeNode":
-            storage.SetCenterImage(False)
-        if not storage.ReadData(node):
-            scene.RemoveNode(node)
-            raise MoMEError(f"could not read the expert map {path}")
-    finally:
-        scene.RemoveNode(storage)
-    return node
 
 
 def _remove(scene: Any, node: Any) -> None:

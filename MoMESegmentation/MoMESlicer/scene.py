@@ -238,22 +238,11 @@ class SlicerScene:
             prefix, _, structure_id = path.name.split(".")[0].partition("_")  # "<label:02d>_<id>"
             entry = next((s for s in structures if prefix.isdigit() and s.get("label") == int(prefix)), {})
             segment_name = names.get(entry.get("id")) or entry.get("name") or structure_id
-            node = self._read_volume(path, self.scene.GenerateUniqueName(f"{segment_name} probability"))
+            node = read_volume_node(self.scene, path, self.scene.GenerateUniqueName(f"{segment_name} probability"),
+                                    what="probability map")
             nodes.append(node)
             style_probability_volume(node, volume_node, segment_name)
         return nodes
-
-    def _read_volume(self, path: Path, name: str) -> Any:
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storage.SetFileName(str(path))
-            if not storage.ReadData(node):
-                self.scene.RemoveNode(node)
-                raise MoMEError(f"could not read the probability map {path}")
-        finally:
-            self.scene.RemoveNode(storage)
-        return node
 
     def _place_beside(self, node: Any, volume_node: Any) -> None:
         """Put a new node in the volume's study in the subject hierarchy."""
@@ -291,6 +280,22 @@ class SlicerScene:
                 if segmentation.GetSegment(segment_id) is not None:
                     segmentation.RemoveSegment(segment_id)
         logger.debug("import rolled back to %d nodes", len(before.node_ids))
+
+
+def read_volume_node(scene: Any, path: Path, name: str = "", class_name: str = "vtkMRMLScalarVolumeNode",
+                     what: str = "volume") -> Any:
+    """A new ``class_name`` node read from ``path`` by Slicer's volume reader, without a storage node left
+    behind (the node is not tied to the temporary file). On failure nothing is added."""
+    node = scene.AddNewNodeByClass(class_name, name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            scene.RemoveNode(node)
+            raise MoMEError(f"could not read the {what} {path}")
+    finally:
+        scene.RemoveNode(storage)
+    return node
 
 
 def style_probability_volume(node: Any, volume_node: Any, structure_name: str) -> None:
