@@ -795,28 +795,20 @@ class Segmenter:
                      touching, mask: torch.Tensor, label: int, found: bool) -> None:
         """One prompt's gates ``[E, ...]`` on the model grid -> its maps and routing on the input grid."""
         from .explain import gate_maps, structure_routing
-        from .io.geometry import resample_back, restore_from_canonical
 
-        experts = gates.shape[0]
         # Not computed (outside the body crop) is gate 0 for every expert: after linear interpolation
         # the gates' sum tells computed voxels (sum 1) from the rest (explain.gate_maps).
-        grid = torch.zeros((experts, *prep.resampled_shape), dtype=torch.float32, device=gates.device)
-        grid[(slice(None), *prep.body_box)] = gates[(slice(None), *prep.unpadded)]
-        restored = restore_from_canonical(resample_back(grid, prep.resample_record, mode="linear"),
-                                          prep.canonical_record)
-        del grid
-        if tuple(restored.shape[1:]) != tuple(sub_shape):
-            raise RuntimeError(f"internal error: restored gates {tuple(restored.shape[1:])} != {tuple(sub_shape)}")
-        full = torch.zeros((experts, *shape), dtype=torch.float32, device=gates.device)
+        restored = self._restore(gates, prep, sub_shape, outside=0.0)
+        full = torch.zeros((gates.shape[0], *shape), dtype=torch.float32, device=gates.device)
         full[(slice(None), *box)] = restored[(slice(None), *inner)]
         del restored
         if touching is not None:
             full[(slice(None), *box)] *= touching
         full = full.cpu().numpy()
-        dominant, entropy, _ = gate_maps(full)
+        dominant, entropy, computed = gate_maps(full)
         explanation.dominant.append(dominant)
         explanation.entropy.append(entropy)
-        explanation.routing.append(structure_routing(full, mask.cpu().numpy(), label, found))
+        explanation.routing.append(structure_routing(full, mask.cpu().numpy(), label, found, computed=computed))
 
     def _guard(self, plan: PromptPlan, mask: torch.Tensor, volume: Volume, coverage):
         """The anatomy guard's verdict on one found mask (free-text prompts have no priors)."""
@@ -838,15 +830,22 @@ class Segmenter:
 
         Runs on the device that holds ``logits`` (the GPU when stitching fitted there).
         """
+        return torch.sigmoid(self._restore(logits[None], prep, shape, outside=_OUTSIDE_LOGIT)[0])
+
+    @staticmethod
+    def _restore(values: torch.Tensor, prep: Preprocessed, shape: tuple[int, ...], outside: float) -> torch.Tensor:
+        """Channels ``[C, ...]`` on the body-cropped model grid -> ``[C, *shape]`` on the (ROI-cropped) input
+        grid: back through the body crop (``outside`` beyond it), the spacing (linear) and the orientation."""
         from .io.geometry import resample_back, restore_from_canonical
 
-        full = torch.full(prep.resampled_shape, _OUTSIDE_LOGIT, dtype=torch.float32, device=logits.device)
-        full[prep.body_box] = logits[prep.unpadded]
-        canonical = resample_back(full[None], prep.resample_record, mode="linear")[0]
-        prob = torch.sigmoid(restore_from_canonical(canonical, prep.canonical_record))
-        if tuple(prob.shape) != tuple(shape):
-            raise RuntimeError(f"internal error: restored shape {tuple(prob.shape)} != input shape {shape}")
-        return prob
+        grid = torch.full((values.shape[0], *prep.resampled_shape), outside, dtype=torch.float32,
+                          device=values.device)
+        grid[(slice(None), *prep.body_box)] = values[(slice(None), *prep.unpadded)]
+        restored = restore_from_canonical(resample_back(grid, prep.resample_record, mode="linear"),
+                                          prep.canonical_record)
+        if tuple(restored.shape[1:]) != tuple(shape):
+            raise RuntimeError(f"internal error: restored shape {tuple(restored.shape[1:])} != input shape {shape}")
+        return restored
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -149,11 +149,16 @@ class StructureRouting:
 
 
 def structure_routing(gates: np.ndarray, mask: np.ndarray, label: int, found: bool,
-                      width: int = BORDER_VOXELS) -> StructureRouting:
-    """Per-expert mean gates of ``gates [E, *spatial]`` inside ``mask`` and in its border band."""
+                      width: int = BORDER_VOXELS, computed: np.ndarray | None = None) -> StructureRouting:
+    """Per-expert mean gates of ``gates [E, *spatial]`` inside ``mask`` and in its border band.
+
+    Only computed voxels count (``computed`` from :func:`gate_maps`; derived from the gates when not
+    given): the band may reach outside the body or the ROI.
+    """
     mask = np.asarray(mask, dtype=bool)
     band = border_band(mask, width)
-    computed = gates.sum(axis=0) >= 0.5  # the band may reach outside the body or the ROI
+    if computed is None:
+        computed = gates.sum(axis=0) >= 0.5
 
     def mean(region: np.ndarray) -> tuple[list[float] | None, int]:
         region = region & computed
